@@ -1,0 +1,5 @@
+import sys
+
+from rkllm_mqtt.cli import main
+
+sys.exit(main())

@@ -1,0 +1,65 @@
+"""Everything the bridge publishes, each payload on its topic with its QoS and retain flag (SPEC §3)."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import structlog
+
+from rkllm_mqtt.payloads import (
+    ErrorEvent,
+    FinalResponse,
+    HealthPayload,
+    ModelInfo,
+    RequestStatus,
+    StatePayload,
+    StreamChunk,
+)
+from rkllm_mqtt.topics import ReplyTopics, Topics
+
+log = structlog.get_logger(__name__)
+
+
+class Publishing(Protocol):
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, correlation_data: bytes | None = None
+    ) -> object: ...
+
+
+class Publisher:
+    # QoS 1 throughout: paho keeps QoS 1 messages while disconnected and sends them after the
+    # reconnect, so no chunk, status or final response is lost to a broker restart.
+    def __init__(self, transport: Publishing, topics: Topics) -> None:
+        self.transport = transport
+        self.topics = topics
+
+    def reply_topics(self, request_id: str, reply_topic: str | None) -> ReplyTopics:
+        return ReplyTopics(reply_topic or self.topics.response(request_id))
+
+    def chunk(self, reply: ReplyTopics, chunk: StreamChunk, correlation: bytes | None) -> None:
+        self.transport.publish(reply.stream, chunk.to_json(), qos=1, correlation_data=correlation)
+
+    def status(self, reply: ReplyTopics, status: RequestStatus, correlation: bytes | None) -> None:
+        self.transport.publish(reply.status, status.to_json(), qos=1, correlation_data=correlation)
+
+    def final(self, reply: ReplyTopics, response: FinalResponse, correlation: bytes | None) -> None:
+        self.transport.publish(reply.final, response.to_json(), qos=1, correlation_data=correlation)
+
+    def last(self, response: FinalResponse) -> None:
+        self.transport.publish(self.topics.last, response.to_json(), qos=1, retain=True)
+
+    def state(self, state: StatePayload) -> None:
+        self.transport.publish(self.topics.state, state.to_json(), qos=1, retain=True)
+
+    def health(self, health: HealthPayload) -> None:
+        self.transport.publish(self.topics.health, health.to_json(), qos=1, retain=True)
+
+    def model(self, info: ModelInfo) -> None:
+        self.transport.publish(self.topics.model, info.to_json(), qos=1, retain=True)
+
+    def error(self, event: ErrorEvent) -> None:
+        log.warning("request_error", code=event.code, message=event.message, request_id=event.id)
+        self.transport.publish(self.topics.error, event.to_json(), qos=1)
+
+    def raw(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        self.transport.publish(topic, payload, qos=1, retain=retain)

@@ -1,0 +1,294 @@
+"""MQTT transport on paho-mqtt 2.x. Knows nothing of the runtime.
+
+- ``protocol = "auto"`` connects with MQTT 5 and falls back to 3.1.1 when the broker refuses the
+  protocol or never answers the CONNECT (amqtt ignores an MQTT 5 CONNECT that carries a Will).
+- The Last Will marks the node ``offline`` (retained); ``online`` is published on every connect.
+- The session is persistent (MQTT 5 session expiry / 3.1.1 clean session off) and subscriptions
+  are QoS 1, so prompts sent while the bridge is briefly away are delivered when it returns.
+- Reconnecting is paho's job (exponential ``reconnect_delay_set``); QoS 1 publishes made while
+  disconnected stay in paho's queue and go out after the reconnect.
+- paho's callbacks run on its network thread and only hand messages on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import structlog
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from rkllm_mqtt.settings import MqttSettings
+
+log = structlog.get_logger(__name__)
+
+SESSION_EXPIRY_S = 3600
+CONNACK_TIMEOUT_S = 8.0
+RECONNECT_MIN_S = 1
+RECONNECT_MAX_S = 60
+MAX_INFLIGHT = 200
+# Reason codes that mean "this broker does not speak MQTT 5" (v5 0x84, and 3.1.1's 1 read back).
+_PROTOCOL_REFUSED = {0x84, 1}
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    topic: str
+    payload: bytes
+    retain: bool
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    received_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Subscription:
+    topic: str
+    qos: int = 1
+
+
+class MqttTransport:
+    """A connected paho client with the bridge's conventions. ``start()`` connects in the background."""
+
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        host: str,
+        availability_topic: str,
+        subscriptions: list[Subscription],
+        on_message: Callable[[IncomingMessage], None],
+        on_connected: Callable[[], None],
+        on_disconnected: Callable[[], None] | None = None,
+        force_protocol: str | None = None,
+    ) -> None:
+        self.settings = settings
+        self.host = host
+        self.availability_topic = availability_topic
+        self.subscriptions = subscriptions
+        self.on_message = on_message
+        self.on_connected = on_connected
+        self.on_disconnected = on_disconnected or (lambda: None)
+        self.protocol = force_protocol or settings.protocol
+        self._client: mqtt.Client | None = None
+        self._lock = threading.Lock()
+        self._connected = threading.Event()
+        self._ever_connected = False
+        self._fallback_timer: threading.Timer | None = None
+        self._stopping = False
+
+    # -- state --------------------------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return self._connected.is_set()
+
+    @property
+    def is_v5(self) -> bool:
+        return self.protocol in ("5", "auto")
+
+    def wait_connected(self, timeout: float) -> bool:
+        return self._connected.wait(timeout)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        with self._lock:
+            self._client = self._build_client()
+            self._connect(self._client)
+        if self.protocol == "auto":
+            self._fallback_timer = threading.Timer(CONNACK_TIMEOUT_S, self._fallback_if_silent)
+            self._fallback_timer.daemon = True
+            self._fallback_timer.start()
+
+    def stop(self, offline_payload: bytes = b"offline", timeout: float = 5.0) -> None:
+        """Publish ``offline`` (retained) and disconnect cleanly, which suppresses the Last Will."""
+        self._stopping = True
+        if self._fallback_timer is not None:
+            self._fallback_timer.cancel()
+        client = self._client
+        if client is None:
+            return
+        if self.connected:
+            info = client.publish(self.availability_topic, offline_payload, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError):
+                log.warning("mqtt_offline_not_sent")
+        client.disconnect()
+        client.loop_stop()
+
+    def _build_client(self) -> mqtt.Client:
+        s = self.settings
+        v5 = self.is_v5
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=s.resolved_client_id(),
+            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
+            clean_session=None if v5 else False,
+        )
+        client.will_set(self.availability_topic, b"offline", qos=1, retain=True)
+        password = s.resolved_password()
+        if s.username is not None or password is not None:
+            client.username_pw_set(s.username, password.get_secret_value() if password else None)
+        if s.uses_tls:
+            context = ssl.create_default_context(cafile=str(s.tls_ca_file) if s.tls_ca_file else None)
+            if s.tls_cert_file is not None:
+                context.load_cert_chain(str(s.tls_cert_file), str(s.tls_key_file) if s.tls_key_file else None)
+            if s.tls_insecure:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            client.tls_set_context(context)
+        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
+        client.max_inflight_messages_set(MAX_INFLIGHT)
+        client.max_queued_messages_set(0)  # unbounded: nothing the bridge publishes is dropped while away
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_socket_open = self._on_socket_open
+        return client
+
+    def _connect(self, client: mqtt.Client) -> None:
+        s = self.settings
+        if self.is_v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = SESSION_EXPIRY_S
+            client.connect_async(self.host, s.port, s.keepalive_s, clean_start=False, properties=props)
+        else:
+            client.connect_async(self.host, s.port, s.keepalive_s)
+        client.loop_start()
+
+    def _fallback_if_silent(self) -> None:
+        if not self._ever_connected and not self._stopping and self.protocol == "auto":
+            log.warning("mqtt_v5_unanswered", fallback="3.1.1", waited_s=CONNACK_TIMEOUT_S)
+            self._switch_to_311()
+
+    def _switch_to_311(self) -> None:
+        with self._lock:
+            if self.protocol == "3.1.1" or self._stopping:
+                return
+            old = self._client
+            self.protocol = "3.1.1"
+            if old is not None:
+                old.disconnect()
+                old.loop_stop()
+            self._client = self._build_client()
+            self._connect(self._client)
+
+    # -- paho callbacks (network thread): hand work on only ---------------------------------------
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        # paho leaves Nagle on: small stream publishes would wait for ACKs of earlier ones.
+        with contextlib.suppress(OSError, AttributeError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            if self.protocol == "auto" and not self._ever_connected and reason_code.value in _PROTOCOL_REFUSED:
+                log.warning("mqtt_v5_refused", fallback="3.1.1", reason=str(reason_code))
+                threading.Thread(target=self._switch_to_311, name="mqtt-fallback", daemon=True).start()
+                return
+            log.error(
+                "mqtt_connect_refused",
+                host=self.host,
+                port=self.settings.port,
+                reason=str(reason_code),
+                hint="check mqtt.username / mqtt.password; retrying with backoff",
+            )
+            return
+        first = not self._ever_connected
+        self._ever_connected = True
+        if self.protocol == "auto":
+            self.protocol = "5"
+        self._connected.set()
+        log.info(
+            "mqtt_connected",
+            host=self.host,
+            port=self.settings.port,
+            protocol=self.protocol,
+            session_present=bool(getattr(flags, "session_present", False)),
+            first=first,
+        )
+        client.publish(self.availability_topic, b"online", qos=1, retain=True)
+        if self.subscriptions:
+            client.subscribe([(sub.topic, sub.qos) for sub in self.subscriptions])
+        self.on_connected()
+
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: Any,
+        flags: Any,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        was_connected = self._connected.is_set()
+        self._connected.clear()
+        if not self._stopping and was_connected:
+            log.warning("mqtt_disconnected", reason=str(reason_code), will_reconnect=True)
+            self.on_disconnected()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        props = getattr(message, "properties", None)
+        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
+        correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        self.on_message(
+            IncomingMessage(
+                topic=message.topic,
+                payload=bytes(message.payload),
+                retain=bool(message.retain),
+                response_topic=response_topic,
+                correlation_data=bytes(correlation) if correlation is not None else None,
+            )
+        )
+
+    # -- publishing (thread-safe: paho locks internally) ------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+    ) -> mqtt.MQTTMessageInfo | None:
+        client = self._client
+        if client is None:
+            log.error("mqtt_publish_before_start", topic=topic)
+            return None
+        properties = None
+        if correlation_data is not None and self.protocol == "5":
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.CorrelationData = correlation_data
+        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            log.error("mqtt_publish_failed", topic=topic, rc=info.rc)
+        return info
+
+    def subscribe(self, topic: str, qos: int = 1) -> None:
+        client = self._client
+        if client is not None:
+            client.subscribe(topic, qos)
+
+    def unsubscribe(self, topic: str) -> None:
+        client = self._client
+        if client is not None:
+            client.unsubscribe(topic)

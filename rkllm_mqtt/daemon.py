@@ -1,0 +1,149 @@
+"""``rkllm-mqtt serve``: wires the broker, the runtime supervisor, the bridge and the transport."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from types import FrameType
+
+import structlog
+
+from rkllm_mqtt import __version__
+from rkllm_mqtt.bridge.service import Bridge
+from rkllm_mqtt.bridge.transport import MqttTransport, Subscription
+from rkllm_mqtt.broker import BrokerStartError, EmbeddedBroker
+from rkllm_mqtt.runtime.supervisor import RuntimeSupervisor
+from rkllm_mqtt.sdnotify import SystemdNotifier
+from rkllm_mqtt.settings import Settings
+
+log = structlog.get_logger("rkllm_mqtt.daemon")
+
+EMBEDDED_HOST = "127.0.0.1"
+EXIT_BROKER = 3
+STATUS_INTERVAL_S = 30.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, notifier: SystemdNotifier) -> None:
+        self.settings = settings
+        self.notifier = notifier
+        self.stop_requested = threading.Event()
+        self.broker: EmbeddedBroker | None = None
+        self.supervisor: RuntimeSupervisor | None = None
+        self.bridge: Bridge | None = None
+        self.transport: MqttTransport | None = None
+
+    def _announce_defaults(self) -> None:
+        if self.settings.embedded_broker:
+            log.warning(
+                "embedded_defaults",
+                broker=f"embedded amqtt on {EMBEDDED_HOST}:{self.settings.mqtt.port} (MQTT 3.1.1 only)",
+                runtime=self.settings.runtime.resolved_library(),
+                hint="running on the embedded defaults for a first try; set mqtt.host to use your broker "
+                "(Mosquitto, Home Assistant's add-on) and runtime.model_path for a real model",
+            )
+        if self.settings.runtime.is_simulated:
+            log.warning(
+                "simulated_runtime",
+                hint="answers come from the bundled simulated runtime, not an LLM; set runtime.model_path",
+            )
+
+    def start(self) -> int:
+        s = self.settings
+        log.info(
+            "starting",
+            version=__version__,
+            node=s.mqtt.node_id,
+            base_topic=s.mqtt.base_topic,
+            config=str(s.source_file) if s.source_file else None,
+        )
+        self._announce_defaults()
+        host = s.mqtt.host
+        if host is None:
+            self.broker = EmbeddedBroker(EMBEDDED_HOST, s.mqtt.port)
+            try:
+                self.broker.start()
+            except BrokerStartError as exc:
+                log.error("embedded_broker_failed", error=str(exc))
+                return EXIT_BROKER
+            host = EMBEDDED_HOST
+        self.notifier.open()
+        self.supervisor = RuntimeSupervisor(s, on_change=self._runtime_changed)
+        self.bridge = Bridge(s, self.supervisor)
+        self.transport = MqttTransport(
+            s.mqtt,
+            host=host,
+            availability_topic=self.bridge.topics.availability,
+            subscriptions=[Subscription(topic) for topic in self.bridge.subscriptions()],
+            on_message=self.bridge.on_message,
+            on_connected=self.bridge.on_connected,
+            # amqtt speaks 3.1.1 only and never answers an MQTT 5 CONNECT with a Will.
+            force_protocol="3.1.1" if s.embedded_broker else None,
+        )
+        self.bridge.attach(self.transport)
+        self.bridge.start()
+        self.supervisor.start()
+        self.transport.start()
+        return 0
+
+    def _runtime_changed(self) -> None:
+        if self.bridge is not None:
+            self.bridge.on_runtime_change()
+
+    def run(self) -> None:
+        """Serve until a stop is requested, telling systemd how things are going."""
+        assert self.bridge is not None and self.transport is not None and self.supervisor is not None
+        ready_sent = False
+        last_status = ""
+        interval = self.notifier.watchdog_interval()
+        tick = min(interval, 5.0) if interval else 1.0
+        next_status = 0.0
+        while not self.stop_requested.wait(tick if (interval or not ready_sent) else STATUS_INTERVAL_S):
+            now = time.monotonic()
+            settled = self.supervisor.status in ("ready", "failed")
+            if not ready_sent and self.transport.connected and settled:
+                # A runtime that failed does not stop the daemon: it is up, says why, and keeps retrying.
+                self.notifier.ready(self.bridge.status_line())
+                ready_sent = True
+                log.info("ready", runtime=self.supervisor.status)
+            if interval and self.bridge.healthy(now):
+                self.notifier.watchdog()
+            line = self.bridge.status_line()
+            if line != last_status or now >= next_status:
+                self.notifier.status(line)
+                last_status, next_status = line, now + STATUS_INTERVAL_S
+
+    def stop(self) -> None:
+        log.info("stopping", grace_s=self.settings.limits.shutdown_grace_s)
+        self.notifier.stopping("stopping: finishing the running request")
+        if self.bridge is not None:
+            self.bridge.stop(self.settings.limits.shutdown_grace_s)
+        if self.transport is not None:
+            self.transport.stop()
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        if self.broker is not None:
+            self.broker.stop()
+        self.notifier.close()
+        log.info("stopped")
+
+
+def serve(settings: Settings) -> int:
+    notifier = SystemdNotifier.from_env()
+    daemon = Daemon(settings, notifier)
+
+    def request_stop(signum: int, frame: FrameType | None) -> None:
+        log.info("signal_received", signal=signal.Signals(signum).name)
+        daemon.stop_requested.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    code = daemon.start()
+    if code != 0:
+        return code
+    try:
+        daemon.run()
+    finally:
+        daemon.stop()
+    return 0

@@ -1,0 +1,87 @@
+"""What the parent and the worker process say to each other.
+
+Commands go down the worker's stdin as JSON lines: they are rare and small. Events come back on a
+dedicated pipe as binary frames (1-byte kind, 4-byte length, payload) because token chunks are
+frequent and must cost the runtime's callback thread one ``os.write`` and nothing else. A frame
+below PIPE_BUF bytes is written atomically, so frames from the callback thread and the worker's
+main thread never interleave.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+HEADER = struct.Struct("!BI")
+
+
+class EventKind(IntEnum):
+    READY = 1  # model loaded: JSON model info
+    INIT_FAILED = 2  # JSON {"stage", "message"}; the worker exits after it
+    CHUNK = 3  # raw text bytes of one callback (may end inside a UTF-8 character)
+    FINISH = 4  # JSON perf stats, from the FINISH callback
+    RUN_ERROR = 5  # the ERROR callback (state 3)
+    CAP_REACHED = 6  # the token cap the parent asked the worker to enforce was reached
+    RUN_RETURNED = 7  # JSON {"ret", "message"}: rkllm_run returned; the runtime is free again
+    CONTROL_DONE = 8  # JSON {"op", "ok", "message"}: a non-run command finished
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: EventKind
+    payload: bytes
+
+    def json(self) -> dict[str, Any]:
+        data = json.loads(self.payload.decode("utf-8")) if self.payload else {}
+        if not isinstance(data, dict):
+            raise ValueError("event payload is not a JSON object")
+        return data
+
+
+def encode_event(kind: EventKind, payload: bytes = b"") -> bytes:
+    return HEADER.pack(kind, len(payload)) + payload
+
+
+def encode_json_event(kind: EventKind, data: dict[str, Any]) -> bytes:
+    return encode_event(kind, json.dumps(data, separators=(",", ":")).encode("utf-8"))
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+class EventReader:
+    """Reads frames from a pipe; ``read()`` blocks and returns None at end of file."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._buffer = bytearray()
+
+    def _fill(self, size: int) -> bool:
+        while len(self._buffer) < size:
+            data = os.read(self._fd, 65536)
+            if not data:
+                return False
+            self._buffer += data
+        return True
+
+    def read(self) -> Event | None:
+        if not self._fill(HEADER.size):
+            return None
+        kind, length = HEADER.unpack_from(self._buffer)
+        if not self._fill(HEADER.size + length):
+            return None
+        payload = bytes(self._buffer[HEADER.size : HEADER.size + length])
+        del self._buffer[: HEADER.size + length]
+        return Event(EventKind(kind), payload)
+
+
+def encode_command(op: str, **fields: Any) -> bytes:
+    return (json.dumps({"op": op, **fields}, separators=(",", ":")) + "\n").encode("utf-8")

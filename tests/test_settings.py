@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from rkllm_mqtt.errors import ConfigError
+from rkllm_mqtt.settings import load_settings
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "rkllm_mqtt", *args], check=False, capture_output=True, text=True, timeout=60, env=env
+    )
+
+
+def test_misspelled_key_is_named_with_file(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[mqtt]\nhots = "broker.lan"\n')
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode != 0
+    assert "mqtt.hots" in result.stderr
+    assert str(config) in result.stderr
+    assert "did you mean 'host'" in result.stderr
+
+
+def test_unknown_section_is_refused(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[mqqt]\nhost = 'x'\n")
+    with pytest.raises(ConfigError, match="mqqt"):
+        load_settings(config)
+
+
+def test_wrong_type_names_key_and_file(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[limits]\nqueue_size = 'many'\n")
+    with pytest.raises(ConfigError) as excinfo:
+        load_settings(config)
+    assert "limits.queue_size" in str(excinfo.value)
+    assert str(config) in str(excinfo.value)
+
+
+def test_invalid_toml_is_reported(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("[mqtt\nhost=")
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode != 0
+    assert "not valid TOML" in result.stderr
+
+
+def test_missing_explicit_file_is_an_error(tmp_path: Path) -> None:
+    result = run_cli("check-config", "--config", str(tmp_path / "absent.toml"))
+    assert result.returncode != 0
+    assert "does not exist" in result.stderr
+
+
+def test_environment_overrides_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[mqtt]\nhost = "file-host"\nport = 1884\n')
+    monkeypatch.setenv("RKLLM_MQTT_MQTT__HOST", "env-host")
+    settings = load_settings(config)
+    assert settings.mqtt.host == "env-host"
+    assert settings.mqtt.port == 1884
+
+
+def test_misspelled_environment_key_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RKLLM_MQTT_LIMITS__QUEUE_SIZ", "3")
+    with pytest.raises(ConfigError, match="RKLLM_MQTT_LIMITS__QUEUE_SIZ"):
+        load_settings(None)
+
+
+def test_check_config_masks_secrets(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[mqtt]\nhost = "broker"\nusername = "ha"\npassword = "hunter2"\n')
+    result = run_cli("check-config", "--config", str(config))
+    assert result.returncode == 0, result.stderr
+    assert "hunter2" not in result.stdout
+    assert "**********" in result.stdout
+    assert '"username": "ha"' in result.stdout
+
+
+def test_password_file_drops_trailing_newline(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cret\n")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[mqtt]\nhost = "broker"\npassword_file = "{secret}"\n')
+    password = load_settings(config).mqtt.resolved_password()
+    assert password is not None
+    assert password.get_secret_value() == "s3cret"
+
+
+def test_zero_config_defaults() -> None:
+    settings = load_settings(None)
+    assert settings.embedded_broker
+    assert settings.runtime.resolved_library() == "sim"
+    assert settings.reply_prefixes() == ["rkllm/reply"]
+    assert settings.limits.queue_size == 8
+
+
+def test_model_path_switches_default_library(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[runtime]\nmodel_path = "/models/qwen.rkllm"\n')
+    assert load_settings(config).runtime.resolved_library() == "librkllmrt.so"
+
+
+def test_example_config_is_valid_and_complete() -> None:
+    example = REPO / "config" / "config.example.toml"
+    settings = load_settings(example)
+    text = example.read_text()
+    for section, model in settings:
+        if section in ("source_file",):
+            continue
+        for key in type(model).model_fields:
+            assert f"{key} " in text or f"{key}=" in text, f"{section}.{key} is not documented in the example"
+
+
+def test_invalid_node_id_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RKLLM_MQTT_MQTT__NODE_ID", "kitchen/board")
+    with pytest.raises(ConfigError, match=r"mqtt\.node_id"):
+        load_settings(None)
