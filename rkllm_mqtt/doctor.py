@@ -16,7 +16,6 @@ import contextlib
 import ctypes
 import fcntl
 import grp
-import importlib
 import os
 import platform
 import pwd
@@ -252,18 +251,15 @@ def _sim_abi(settings: Settings) -> str:
     return settings.runtime.abi if settings.runtime.abi != "auto" else "1.3"
 
 
-def _runtime(module: str) -> Any:
-    """``rkllm_mqtt.runtime.<module>``, imported when a check needs it: if it is broken, that check
-    fails and the others still report."""
-    return importlib.import_module(f"rkllm_mqtt.runtime.{module}")
-
-
 def _library_path(settings: Settings) -> Path:
     """The runtime library file; raises RuntimeLoadError (or ImportError) when there is none."""
-    abi = _runtime("abi")
+    # Imported here, as in every check below: a broken runtime package fails those checks, not the report.
+    from rkllm_mqtt.runtime.abi import resolve_library, sim_library_path
+
     library = settings.runtime.resolved_library()
-    path: Path = abi.sim_library_path(_sim_abi(settings)) if library == SIM_LIBRARY else abi.resolve_library(library)
-    return path
+    if library == SIM_LIBRARY:
+        return sim_library_path(_sim_abi(settings))
+    return resolve_library(library)
 
 
 def _library_missing_hint(library: str) -> str:
@@ -310,7 +306,9 @@ def check_library(settings: Settings) -> CheckResult:
             hint = "check that the file is a complete, readable copy of the library"
         return CheckResult(name, "FAIL", f"{what} -> {path} found but dlopen fails: {message}", hint)
     try:
-        version: str | None = _runtime("abi").read_runtime_version(path)
+        from rkllm_mqtt.runtime.abi import read_runtime_version
+
+        version = read_runtime_version(path)
     except OSError:
         version = None
     found = f"rkllm-runtime {version}" if version else "no version string"
@@ -325,7 +323,9 @@ def check_abi(settings: Settings) -> CheckResult:
     except Exception as exc:
         return CheckResult(name, "SKIP", f"no runtime library to inspect ({exc})")
     try:
-        decision = _runtime("abi").decide_abi(path, configured)
+        from rkllm_mqtt.runtime.abi import decide_abi
+
+        decision = decide_abi(path, configured)
     except Exception as exc:  # AbiError: the message says what to set
         return CheckResult(
             name,
@@ -334,7 +334,9 @@ def check_abi(settings: Settings) -> CheckResult:
             'set runtime.abi = "1.2" for runtimes 1.2.1 to 1.2.3, or "1.3" for runtime 1.3.0',
         )
     try:
-        _runtime("binding").RkllmBinding(str(path), decision.abi).open()
+        from rkllm_mqtt.runtime.binding import RkllmBinding
+
+        RkllmBinding(str(path), decision.abi).open()
     except Exception as exc:
         return CheckResult(name, "FAIL", f"layout {decision.abi} ({decision.reason}), but binding fails: {exc}", None)
     return CheckResult(name, "PASS", f"layout {decision.abi}: {decision.reason}")
@@ -531,7 +533,8 @@ def check_npu_device(settings: Settings, paths: SystemPaths = SystemPaths()) -> 
     in_group = st.st_gid == os.getegid() or st.st_gid in os.getgroups()
     if error is not None:
         who = "this user" + ("" if in_group else f" (not in group {group})")
-        problems.append(f"{who} cannot open it read-write: {error.strerror}")
+        service_note = f" (the service user {SERVICE_USER} can)" if service else ""
+        problems.append(f"{who} cannot open it read-write: {error.strerror}{service_note}")
         if not in_group:
             hints.append(f"to run rkllm-mqtt by hand: sudo usermod -aG {group} $USER, then log in again")
     if str(node.path) not in UNIT_DEVICE_ALLOW and node.path.parent == Path("/dev/dri"):
@@ -539,7 +542,9 @@ def check_npu_device(settings: Settings, paths: SystemPaths = SystemPaths()) -> 
         hints.append(f"add DeviceAllow={node.path} rw in a drop-in (systemctl edit rkllm-mqtt)")
 
     if problems:
-        status: Status = "FAIL" if service is False or (service is None and error is not None) else "WARN"
+        blocking = service is False or (service is None and error is not None)
+        # With the simulated runtime the NPU is not used: its problems are worth knowing, not failing on.
+        status: Status = "FAIL" if blocking and not settings.runtime.is_simulated else "WARN"
         return CheckResult(name, status, f"{described}; {'; '.join(problems)}", "; ".join(hints) or None)
     others = f" (also {', '.join(str(n.path) for n in nodes[1:])})" if len(nodes) > 1 else ""
     return CheckResult(name, "PASS", f"{described}{others}; opens read-write")

@@ -333,17 +333,18 @@ class Bridge:
                 )
             else:
                 position = len(self._queue) + (1 if self._current is not None else 0)
+                # "queued" goes out before the runner can see the request, so it always precedes "started".
+                assert self.publisher is not None
+                reply = self.publisher.reply_topics(request.id, request.reply_topic)
+                self.publisher.status(
+                    reply, RequestStatus(id=request.id, status="queued", position=position), request.correlation_data
+                )
                 self._queue.append(request)
                 self._work.notify()
         if rejection is not None:
             self._reject(rejection, correlation=request.correlation_data)
             return
-        assert self.publisher is not None
         log.info("request_queued", request_id=request.id, position=position, session=request.session)
-        reply = self.publisher.reply_topics(request.id, request.reply_topic)
-        self.publisher.status(
-            reply, RequestStatus(id=request.id, status="queued", position=position), request.correlation_data
-        )
         self._publish_state()
 
     def _reject(self, rejection: Rejection, correlation: bytes | None = None) -> None:

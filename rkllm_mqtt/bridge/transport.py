@@ -33,7 +33,7 @@ from rkllm_mqtt.settings import MqttSettings
 log = structlog.get_logger(__name__)
 
 SESSION_EXPIRY_S = 3600
-CONNACK_TIMEOUT_S = 8.0
+CONNACK_TIMEOUT_S = 4.0
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 60
 MAX_INFLIGHT = 200
@@ -84,6 +84,7 @@ class MqttTransport:
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._ever_connected = False
+        self._socket_opened = False
         self._fallback_timer: threading.Timer | None = None
         self._stopping = False
 
@@ -188,6 +189,7 @@ class MqttTransport:
     # -- paho callbacks (network thread): hand work on only ---------------------------------------
 
     def _on_socket_open(self, client: mqtt.Client, userdata: Any, sock: Any) -> None:
+        self._socket_opened = True
         # paho leaves Nagle on: small stream publishes would wait for ACKs of earlier ones.
         with contextlib.suppress(OSError, AttributeError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -241,6 +243,11 @@ class MqttTransport:
     ) -> None:
         was_connected = self._connected.is_set()
         self._connected.clear()
+        if self.protocol == "auto" and not self._ever_connected and self._socket_opened and not self._stopping:
+            # The broker closed the connection before answering an MQTT 5 CONNECT: it does not speak 5.
+            log.warning("mqtt_v5_closed", fallback="3.1.1", reason=str(reason_code))
+            threading.Thread(target=self._switch_to_311, name="mqtt-fallback", daemon=True).start()
+            return
         if not self._stopping and was_connected:
             log.warning("mqtt_disconnected", reason=str(reason_code), will_reconnect=True)
             self.on_disconnected()

@@ -543,6 +543,7 @@ class RuntimeSupervisor:
                     handle.send("abort")
                 if hang_deadline is not None and now >= hang_deadline:
                     handle.kill("hung: rkllm_run did not return after abort")
+                    self._set_status("restarting", "rkllm_run hung and did not return after an abort; restarting")
                     log.error("runtime_hung", grace_s=self.settings.limits.hang_grace_s)
                     result = GenerationResult(
                         "".join(parts),
@@ -559,6 +560,7 @@ class RuntimeSupervisor:
                 continue
             if item is None:
                 reason = handle.kill_reason or describe_exit(handle.proc.poll())
+                self._set_status("restarting", f"runtime worker {reason}; restarting")
                 result = GenerationResult(
                     "".join(parts) + decoder.decode(b"", final=True),
                     "error",
@@ -595,6 +597,9 @@ class RuntimeSupervisor:
         text = "".join(parts)
         tokens = int(perf.get("generate_tokens") or 0) if perf else 0
         tokens = tokens or int(returned.get("tokens", chunks))
+        if stop_reason == "length" and request.max_new_tokens:
+            # The runtime went on past the cap until the abort reached it; that text was never forwarded.
+            tokens = min(tokens, request.max_new_tokens)
         ret = int(returned.get("ret", 0))
         if stop_reason == "timeout":
             result = GenerationResult(text, "timeout", "timeout", f"generation exceeded {request.timeout_s:g} s")

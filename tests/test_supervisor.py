@@ -1,0 +1,269 @@
+"""The runtime supervisor driving the real worker process, the real cffi binding and the C simulated runtime."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from rkllm_mqtt.errors import RequestError
+from rkllm_mqtt.runtime.supervisor import GenerationRequest, RuntimeSupervisor
+from rkllm_mqtt.settings import Settings
+
+ABIS = ["1.2", "1.3"]
+
+
+class CollectingSink:
+    def __init__(self) -> None:
+        self.chunks: list[str] = []
+        self.first = threading.Event()
+
+    def text(self, chunk: str) -> None:
+        self.chunks.append(chunk)
+        self.first.set()
+
+    def flush_deadline(self) -> float | None:
+        return None
+
+    def flush(self) -> None:
+        return None
+
+
+def make_settings(abi: str, model: str, **limits: Any) -> Settings:
+    return Settings(
+        runtime={"library": "sim", "abi": abi, "model_path": model, "restart_backoff_s": 0.2},
+        limits={"hang_grace_s": 1.0, **limits},
+    )
+
+
+@pytest.fixture
+def trace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "sim-trace.log"
+    monkeypatch.setenv("RKLLM_SIM_TRACE", str(path))
+    return path
+
+
+def started(settings: Settings) -> RuntimeSupervisor:
+    supervisor = RuntimeSupervisor(settings)
+    supervisor.start()
+    return supervisor
+
+
+@pytest.fixture
+def runtime(request: pytest.FixtureRequest) -> Iterator[RuntimeSupervisor]:
+    abi, model = request.param
+    supervisor = started(make_settings(abi, model))
+    assert supervisor.wait_ready(20), supervisor.last_error
+    yield supervisor
+    supervisor.stop()
+
+
+def ask(supervisor: RuntimeSupervisor, prompt: str, **fields: Any) -> tuple[Any, CollectingSink]:
+    sink = CollectingSink()
+    fields.setdefault("timeout_s", 20.0)
+    result = supervisor.generate(GenerationRequest(prompt=prompt, **fields), sink)
+    return result, sink
+
+
+FAST = "sim:rate=0,prefill_ms=0,tokens=12"
+
+
+@pytest.mark.parametrize("runtime", [(abi, FAST) for abi in ABIS], indirect=True, ids=ABIS)
+def test_streamed_chunks_join_to_the_full_reply(runtime: RuntimeSupervisor) -> None:
+    result, sink = ask(runtime, "hello world")
+    assert result.finish_reason == "stop"
+    assert result.error_code is None
+    assert len(sink.chunks) == 12
+    assert "".join(sink.chunks) == result.text
+    assert result.text.startswith("[turn 1] You said: hello world. ")
+    assert result.completion_tokens == 12
+    assert result.ttft_ms is not None and result.ttft_ms >= 0
+    info = runtime.model_info
+    assert info is not None and info.abi == runtime.settings.runtime.abi
+
+
+@pytest.mark.parametrize("abi", ABIS)
+@pytest.mark.parametrize("lang", ["zh", "emoji", "mixed"])
+def test_utf8_split_across_callbacks_is_decoded_intact(abi: str, lang: str) -> None:
+    supervisor = started(make_settings(abi, f"sim:rate=0,prefill_ms=0,tokens=30,lang={lang},split_utf8=1"))
+    try:
+        assert supervisor.wait_ready(20), supervisor.last_error
+        result, sink = ask(supervisor, "你好 🌍")
+        assert "\ufffd" not in result.text
+        assert "".join(sink.chunks) == result.text
+        assert "你好 🌍" in result.text
+        assert any(ord(ch) > 0x2E80 for ch in result.text[result.text.index("🌍") + 1 :])
+    finally:
+        supervisor.stop()
+
+
+@pytest.mark.parametrize(
+    "runtime", [(abi, "sim:rate=50,prefill_ms=0,tokens=500") for abi in ABIS], indirect=True, ids=ABIS
+)
+def test_abort_stops_generation_and_keeps_the_text(runtime: RuntimeSupervisor) -> None:
+    sink = CollectingSink()
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        outcome["result"] = runtime.generate(GenerationRequest(prompt="long", timeout_s=30), sink)
+
+    worker = threading.Thread(target=run)
+    worker.start()
+    assert sink.first.wait(10)
+    time.sleep(0.1)
+    runtime.abort()
+    worker.join(10)
+    result = outcome["result"]
+    assert result.finish_reason == "abort"
+    assert result.error_code == "aborted"
+    assert result.text == "".join(sink.chunks)
+    assert 0 < result.completion_tokens < 500
+    follow_up, _ = ask(runtime, "again", max_new_tokens=3)
+    assert follow_up.error_code is None
+
+
+@pytest.mark.parametrize(
+    "runtime", [(abi, "sim:rate=40,prefill_ms=0,tokens=1000") for abi in ABIS], indirect=True, ids=ABIS
+)
+def test_timeout_aborts_and_reports_timeout(runtime: RuntimeSupervisor) -> None:
+    result, sink = ask(runtime, "slow", timeout_s=0.5)
+    assert result.finish_reason == "timeout"
+    assert result.error_code == "timeout"
+    assert result.text and result.text == "".join(sink.chunks)
+    assert runtime.status == "ready"
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_hang_becomes_runtime_hung_and_the_worker_is_restarted(abi: str) -> None:
+    supervisor = started(make_settings(abi, "sim:rate=200,prefill_ms=0,tokens=40,hang_at=20"))
+    try:
+        assert supervisor.wait_ready(20)
+        result, _ = ask(supervisor, "hang please", timeout_s=5)
+        assert result.error_code == "runtime_hung"
+        assert result.finish_reason == "error"
+        assert result.text.startswith("[turn 1]")
+        assert supervisor.wait_ready(20), supervisor.last_error
+        assert supervisor.restarts == 1
+        # hang_at=20 only triggers on a reply of 20+ tokens: a short one is served by the new worker.
+        follow_up, _ = ask(supervisor, "short", max_new_tokens=3)
+        assert follow_up.error_code is None
+        assert follow_up.finish_reason == "length"
+    finally:
+        supervisor.stop()
+
+
+@pytest.mark.parametrize("abi", ABIS)
+def test_sigsegv_becomes_runtime_crashed_and_the_worker_is_restarted(abi: str) -> None:
+    # rate=200: on 1.2 the bridge caps a reply by aborting, so the follow-up must stop well before token 30.
+    supervisor = started(make_settings(abi, "sim:rate=200,prefill_ms=0,tokens=40,crash_at=30"))
+    try:
+        assert supervisor.wait_ready(20)
+        result, _ = ask(supervisor, "crash please")
+        assert result.error_code == "runtime_crashed"
+        assert "SIGSEGV" in (result.error_message or "")
+        assert supervisor.wait_ready(20), supervisor.last_error
+        assert "SIGSEGV" in (supervisor.last_error or "")
+        follow_up, _ = ask(supervisor, "short", max_new_tokens=4)
+        assert follow_up.error_code is None
+    finally:
+        supervisor.stop()
+
+
+@pytest.mark.parametrize(
+    ("runtime_settings", "expected"),
+    [
+        ({"library": "sim", "abi": "1.3", "model_path": "sim:fail_init=1"}, "rkllm_init failed"),
+        ({"library": "sim", "abi": "1.2", "model_path": "/nonexistent/model.rkllm"}, "/nonexistent/model.rkllm"),
+        ({"library": "/nonexistent/librkllmrt.so", "model_path": "sim:"}, "/nonexistent/librkllmrt.so"),
+    ],
+    ids=["init-fails", "missing-model", "bad-library"],
+)
+def test_init_failures_are_reported_and_requests_get_not_ready(runtime_settings: dict[str, Any], expected: str) -> None:
+    settings = Settings(runtime={**runtime_settings, "restart_backoff_s": 5.0})
+    supervisor = started(settings)
+    try:
+        assert supervisor.wait_settled(20) == "failed"
+        assert expected in (supervisor.last_error or "")
+        assert "Traceback" not in (supervisor.last_error or "")
+        with pytest.raises(RequestError) as excinfo:
+            ask(supervisor, "anyone?")
+        assert excinfo.value.code == "not_ready"
+    finally:
+        supervisor.stop()
+
+
+def test_wrong_abi_is_refused_naming_the_setting(tmp_path: Path) -> None:
+    fake = tmp_path / "librkllmrt.so"
+    fake.write_bytes(b"\x7fELF junk without any version evidence")
+    supervisor = started(Settings(runtime={"library": str(fake), "abi": "auto", "model_path": "sim:"}))
+    try:
+        assert supervisor.wait_settled(20) == "failed"
+        assert "runtime.abi" in (supervisor.last_error or "")
+    finally:
+        supervisor.stop()
+
+
+@pytest.mark.parametrize("runtime", [(abi, FAST) for abi in ABIS], indirect=True, ids=ABIS)
+def test_sessions_continue_and_are_isolated_and_cleared(runtime: RuntimeSupervisor) -> None:
+    first, _ = ask(runtime, "one", session="kitchen")
+    second, _ = ask(runtime, "two", session="kitchen")
+    assert first.text.startswith("[turn 1]")
+    assert second.text.startswith("[turn 2]")
+    other, _ = ask(runtime, "elsewhere", session="garage")
+    assert other.text.startswith("[turn 1]"), "another session must not see the kitchen's history"
+    back, _ = ask(runtime, "three", session="kitchen")
+    assert back.text.startswith("[turn 1]"), "one KV cache: switching sessions starts the conversation anew"
+    again, _ = ask(runtime, "four", session="kitchen")
+    assert again.text.startswith("[turn 2]")
+    assert runtime.forget("kitchen")
+    cleared, _ = ask(runtime, "five", session="kitchen")
+    assert cleared.text.startswith("[turn 1]")
+    lone, _ = ask(runtime, "no session")
+    assert lone.text.startswith("[turn 1]")
+    lone_again, _ = ask(runtime, "still none")
+    assert lone_again.text.startswith("[turn 1]")
+
+
+@pytest.mark.parametrize("runtime", [(abi, FAST) for abi in ABIS], indirect=True, ids=ABIS)
+def test_system_prompt_per_request(runtime: RuntimeSupervisor) -> None:
+    result, _ = ask(runtime, "hi", system="You are a kettle.")
+    assert "[system: You are a kettle.]" in result.text
+    plain, _ = ask(runtime, "hi")
+    assert "[system:" not in plain.text
+
+
+def test_max_new_tokens_on_1_2_is_enforced_by_the_bridge(trace: Path) -> None:
+    supervisor = started(make_settings("1.2", "sim:rate=0,prefill_ms=0,tokens=50"))
+    try:
+        assert supervisor.wait_ready(20)
+        result, sink = ask(supervisor, "count", max_new_tokens=5)
+        assert result.finish_reason == "length"
+        assert result.error_code is None
+        assert len(sink.chunks) == 5
+        with pytest.raises(RequestError) as excinfo:
+            ask(supervisor, "hot", sampling={"temperature": 0.2})
+        assert excinfo.value.code == "unsupported"
+    finally:
+        supervisor.stop()
+    calls = trace.read_text()
+    assert "rkllm_run " in calls
+    assert "rkllm_run_async" not in calls
+
+
+def test_per_request_sampling_reaches_the_1_3_runtime(trace: Path) -> None:
+    supervisor = started(make_settings("1.3", "sim:rate=0,prefill_ms=0,tokens=50"))
+    try:
+        assert supervisor.wait_ready(20)
+        result, _ = ask(supervisor, "count", max_new_tokens=7, sampling={"temperature": 0.25, "top_k": 7})
+        assert result.finish_reason == "length"
+        assert result.completion_tokens == 7
+    finally:
+        supervisor.stop()
+    runs = [line for line in trace.read_text().splitlines() if line.startswith("rkllm_run ")]
+    assert runs and "max_new_tokens=7" in runs[-1]
+    assert "temperature=0.25" in runs[-1] and "top_k=7" in runs[-1]
+    assert "rkllm_run_async" not in trace.read_text()
