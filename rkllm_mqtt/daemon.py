@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import signal
 import threading
 import time
@@ -130,7 +131,10 @@ class Daemon:
 
 
 def serve(settings: Settings) -> int:
+    # Read (and remove) NOTIFY_SOCKET before any child process exists: only the daemon talks to systemd.
     notifier = SystemdNotifier.from_env()
+    # A watchdog kill (SIGABRT) or a fatal error then leaves every thread's traceback in the journal.
+    faulthandler.enable()
     daemon = Daemon(settings, notifier)
 
     def request_stop(signum: int, frame: FrameType | None) -> None:
