@@ -205,7 +205,8 @@ class Daemon:
 
     @property
     def root(self) -> str:
-        return f"rkllm/{self.node}"
+        base = self.sections.get("mqtt", {}).get("base_topic", "rkllm")
+        return f"{base}/{self.node}"
 
     def config_text(self) -> str:
         sections: dict[str, dict[str, Any]] = {

@@ -22,7 +22,14 @@ log = structlog.get_logger(__name__)
 
 class Publishing(Protocol):
     def publish(
-        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False, correlation_data: bytes | None = None
+        self,
+        topic: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        correlation_data: bytes | None = None,
+        response_topic: str | None = None,
     ) -> object: ...
 
 
@@ -60,6 +67,10 @@ class Publisher:
     def error(self, event: ErrorEvent) -> None:
         log.warning("request_error", code=event.code, message=event.message, request_id=event.id)
         self.transport.publish(self.topics.error, event.to_json(), qos=1)
+
+    def forward(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None:
+        """Pass a request on unchanged, MQTT 5 reply properties included."""
+        self.transport.publish(topic, payload, qos=1, correlation_data=correlation, response_topic=response_topic)
 
     def raw(self, topic: str, payload: bytes, *, retain: bool) -> None:
         self.transport.publish(topic, payload, qos=1, retain=retain)

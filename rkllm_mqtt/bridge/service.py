@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from rkllm_mqtt import __version__
+from rkllm_mqtt.bridge.cluster import PeerTable
 from rkllm_mqtt.bridge.publisher import Publisher, Publishing
 from rkllm_mqtt.bridge.requests import Rejection, Request, RequestRules, parse_request
 from rkllm_mqtt.bridge.streaming import ChunkStreamer
@@ -103,6 +104,7 @@ class Bridge:
             forbidden_roots=(settings.homeassistant.discovery_prefix, self.topics.root),
         )
         self.publisher: Publisher | None = None
+        self.peers = PeerTable(self.topics)
         self._inbox: queue.Queue[InboxItem] = queue.Queue(INBOX_SIZE)
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
@@ -133,6 +135,7 @@ class Bridge:
         topics = [self.topics.prompt, self.topics.abort, self.topics.clear]
         if self.settings.cluster.enabled:
             topics.append(self.topics.shared_group_prompt(self.settings.cluster.group))
+            topics.extend(self.peers.subscriptions())
         topics.append(ha.ha_status_topic(self.settings))
         topics.extend(ha.discovery_subscriptions(self.settings))
         return topics
@@ -261,6 +264,8 @@ class Bridge:
 
     def _handle_message(self, message: IncomingMessage) -> None:
         topic = message.topic
+        if self.settings.cluster.enabled and topic == self.topics.group_prompt and self._hand_off(message):
+            return
         if topic == self.topics.prompt or (self.settings.cluster.enabled and topic == self.topics.group_prompt):
             if message.retain:
                 self._reject(Rejection("invalid_request", "retained prompts are ignored: publish without retain"))
@@ -288,12 +293,29 @@ class Bridge:
                 # Spread the re-announce: many devices answer the same birth message at once.
                 delay = random.uniform(1.0, 5.0)
                 threading.Timer(delay, self._put, args=(_Announce(),)).start()
+        elif self.settings.cluster.enabled and self.peers.observe(topic, message.payload):
+            pass
         elif ha.is_own_config_topic(self.settings, topic):
             if message.payload:
                 self._seen_configs.add(topic)
             else:
                 self._seen_configs.discard(topic)
         # Anything else (amqtt re-sends unrelated retained messages to new subscriptions) is ignored.
+
+    def _hand_off(self, message: IncomingMessage) -> bool:
+        """Pass a group request this node cannot start now to an idle peer. True when it was passed on."""
+        with self._lock:
+            busy = self._current is not None or bool(self._queue) or self.supervisor.status != "ready"
+        if not busy or message.retain:
+            return False
+        peer = self.peers.pick_idle()
+        if peer is None:
+            return False  # every node is busy: queue it here (or answer queue_full), nothing is lost
+        assert self.publisher is not None
+        target = Topics(self.topics.base, peer).prompt
+        self.publisher.forward(target, message.payload, message.response_topic, message.correlation_data)
+        log.info("request_handed_off", peer=peer, topic=target)
+        return True
 
     # -- admission ----------------------------------------------------------------------------------------
 

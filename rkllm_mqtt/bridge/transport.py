@@ -276,15 +276,19 @@ class MqttTransport:
         qos: int = 1,
         retain: bool = False,
         correlation_data: bytes | None = None,
+        response_topic: str | None = None,
     ) -> mqtt.MQTTMessageInfo | None:
         client = self._client
         if client is None:
             log.error("mqtt_publish_before_start", topic=topic)
             return None
         properties = None
-        if correlation_data is not None and self.protocol == "5":
+        if (correlation_data is not None or response_topic is not None) and self.protocol == "5":
             properties = Properties(PacketTypes.PUBLISH)
-            properties.CorrelationData = correlation_data
+            if correlation_data is not None:
+                properties.CorrelationData = correlation_data
+            if response_topic is not None:
+                properties.ResponseTopic = response_topic
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("mqtt_publish_failed", topic=topic, rc=info.rc)
