@@ -176,13 +176,21 @@ def test_join_collects_chunk_texts_and_completes_on_the_final_response(
     assert join["mode"] == "custom"
     assert join["build"] == "string"
     assert join["joiner"] == ""
-    # Chunks reach the join as their text alone.
+    # Chunks reach the join as their text alone, grouped by request id so overlapping requests
+    # are not mixed (a manual join keeps msg.parts only with useparts).
     chunk = one(flow, "change", name="chunk text")
-    assert chunk["rules"] == [{"t": "set", "p": "payload", "pt": "msg", "to": "payload.text", "tot": "msg"}]
+    set_id = {"t": "set", "p": "parts.id", "pt": "msg", "to": "payload.id", "tot": "msg"}
+    assert chunk["rules"] == [
+        set_id,
+        {"t": "set", "p": "payload", "pt": "msg", "to": "payload.text", "tot": "msg"},
+    ]
     assert join["property"] == "payload"
+    assert join["useparts"] is True
+    assert join["count"] == ""
     # The final response keeps its object in msg.final, drops its payload (so it adds no text)
     # and sets msg.complete, which makes a manual join send what it has.
     end = one(flow, "change", name="end of stream")
+    assert end["rules"][0] == set_id
     assert {"t": "set", "p": "complete", "pt": "msg", "to": "true", "tot": "bool"} in end["rules"]
     assert {"t": "delete", "p": "payload", "pt": "msg"} in end["rules"]
     assert end["rules"].index({"t": "delete", "p": "payload", "pt": "msg"}) > 0

@@ -122,3 +122,12 @@ def test_invalid_node_id_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("RKLLM_MQTT_MQTT__NODE_ID", "kitchen/board")
     with pytest.raises(ConfigError, match=r"mqtt\.node_id"):
         load_settings(None)
+
+
+def test_configuration_doc_describes_every_key() -> None:
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    settings = load_settings(None)
+    for section, model in settings:
+        assert f"## `[{section}]`" in doc, section
+        for key in type(model).model_fields:
+            assert f"`{key}`" in doc, f"{section}.{key} is missing from docs/configuration.md"
