@@ -24,7 +24,7 @@ from rkllm_mqtt.topics import ReplyTopics, Topics
 EXIT_ERROR = 1
 EXIT_NO_ANSWER = 2
 EXIT_UNREACHABLE = 3
-CONNECT_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 3.0
 DEFAULT_TIMEOUT_S = 300.0
 
 

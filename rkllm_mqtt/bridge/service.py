@@ -270,7 +270,8 @@ class Bridge:
             if message.retain:
                 self._reject(Rejection("invalid_request", "retained prompts are ignored: publish without retain"))
                 return
-            self._requests_total += 1
+            with self._lock:
+                self._requests_total += 1
             parsed = parse_request(
                 message.payload,
                 rules=self.rules,
@@ -371,7 +372,8 @@ class Bridge:
 
     def _reject(self, rejection: Rejection, correlation: bytes | None = None) -> None:
         assert self.publisher is not None
-        self._errors_total += 1
+        with self._lock:
+            self._errors_total += 1
         correlation = correlation if correlation is not None else rejection.correlation_data
         self.publisher.error(ErrorEvent(code=rejection.code, message=rejection.message, id=rejection.id))
         if rejection.id is not None:
@@ -511,7 +513,8 @@ class Bridge:
             self._last_tokens_per_s = tokens_per_s
             self._last_ttft_ms = final.timing.ttft_ms
         elif code not in ("aborted", "timeout"):
-            self._errors_total += 1
+            with self._lock:
+                self._errors_total += 1
             assert self.publisher is not None
             self.publisher.error(
                 ErrorEvent(code=code, message=final.error.message if final.error else code, id=request.id)

