@@ -23,6 +23,8 @@ log = structlog.get_logger("rkllm_mqtt.daemon")
 EMBEDDED_HOST = "127.0.0.1"
 EXIT_BROKER = 3
 STATUS_INTERVAL_S = 30.0
+# Below the unit's TimeoutStartSec (120 s).
+READY_AT_LATEST_S = 90.0
 
 
 class Daemon:
@@ -92,25 +94,35 @@ class Daemon:
         if self.bridge is not None:
             self.bridge.on_runtime_change()
 
+    def status_text(self) -> str:
+        """The line ``systemctl status`` shows."""
+        assert self.bridge is not None and self.transport is not None
+        where = f"{self.transport.host}:{self.settings.mqtt.port}"
+        link = f"connected to {where}" if self.transport.connected else f"connecting to {where}"
+        return f"{link}; {self.bridge.status_line()}"
+
     def run(self) -> None:
         """Serve until a stop is requested, telling systemd how things are going."""
         assert self.bridge is not None and self.transport is not None and self.supervisor is not None
         ready_sent = False
         last_status = ""
+        started = time.monotonic()
         interval = self.notifier.watchdog_interval()
-        tick = min(interval, 5.0) if interval else 1.0
         next_status = 0.0
-        while not self.stop_requested.wait(tick if (interval or not ready_sent) else STATUS_INTERVAL_S):
+        while not self.stop_requested.wait(1.0 if not ready_sent else (interval or STATUS_INTERVAL_S)):
             now = time.monotonic()
-            settled = self.supervisor.status in ("ready", "failed")
-            if not ready_sent and self.transport.connected and settled:
-                # A runtime that failed does not stop the daemon: it is up, says why, and keeps retrying.
-                self.notifier.ready(self.bridge.status_line())
-                ready_sent = True
-                log.info("ready", runtime=self.supervisor.status)
+            if not ready_sent:
+                settled = self.supervisor.status in ("ready", "failed")
+                if (self.transport.connected and settled) or now - started >= READY_AT_LATEST_S:
+                    # Ready once connected with the runtime loaded (or failed: the daemon stays up, says why and
+                    # retries). A broker still unreachable after READY_AT_LATEST_S is retried in the background;
+                    # reporting ready then keeps systemd's start timeout from killing a daemon that is working.
+                    self.notifier.ready(self.status_text())
+                    ready_sent = True
+                    log.info("ready", runtime=self.supervisor.status, connected=self.transport.connected)
             if interval and self.bridge.healthy(now):
                 self.notifier.watchdog()
-            line = self.bridge.status_line()
+            line = self.status_text()
             if line != last_status or now >= next_status:
                 self.notifier.status(line)
                 last_status, next_status = line, now + STATUS_INTERVAL_S

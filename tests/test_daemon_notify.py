@@ -33,13 +33,13 @@ def test_ready_status_watchdog_and_stopping_reach_the_notify_socket(
     probe = Probe(amqtt_broker.port).start()
     daemon = Daemon(tmp_path, amqtt_broker.port)
     try:
-        daemon.start(extra_env={"NOTIFY_SOCKET": str(address), "WATCHDOG_USEC": "1000000"})
+        daemon.start(extra_env={"NOTIFY_SOCKET": str(address), "WATCHDOG_USEC": "600000"})
         wait_ready(probe, daemon)
         messages = receive_all(sock, time.monotonic() + 3.0)
         ready = [m for m in messages if "READY=1" in m.split("\n")]
         assert len(ready) == 1, messages
         statuses = [line for m in messages for line in m.split("\n") if line.startswith("STATUS=")]
-        assert any("runtime ready" in s and "model simulated" in s for s in statuses), statuses
+        assert any("connected to 127.0.0.1" in s and "runtime ready (simulated, abi 1.3)" in s for s in statuses)
         pings = [m for m in messages if m == "WATCHDOG=1"]
         assert len(pings) >= 3, "the watchdog must be pinged every half interval while healthy"
         probe.publish(f"{daemon.root}/prompt", json.dumps({"id": "n1", "prompt": "x"}))

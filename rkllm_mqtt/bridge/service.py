@@ -224,9 +224,10 @@ class Bridge:
         """One line for ``systemctl status``."""
         state = self.state_payload()
         model = self.supervisor.model_info
-        parts = [f"runtime {self.supervisor.status}"]
+        runtime = f"runtime {self.supervisor.status}"
         if model is not None:
-            parts.append(f"model {model.model_name} (abi {model.abi})")
+            runtime += f" ({model.model_name}, abi {model.abi})"
+        parts = [runtime]
         parts.append(f"{state.status}, queue {state.queue_depth}, {state.requests_total} requests")
         error = self.supervisor.last_error or self._last_error
         if error:

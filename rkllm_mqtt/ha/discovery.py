@@ -118,7 +118,7 @@ def stale_config_removals(settings: Settings, retained_topics: Iterable[str]) ->
     alone. With discovery disabled nothing is offered, so every retained config found is stale.
     """
     offered = offered_config_topics(settings) if settings.homeassistant.enabled else set()
-    stale = {topic for topic in retained_topics if is_own_config_topic(settings, topic) and True}
+    stale = {topic for topic in retained_topics if is_own_config_topic(settings, topic) and topic not in offered}
     return [DiscoveryMessage(topic, b"") for topic in sorted(stale)]
 
 
