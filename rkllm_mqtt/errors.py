@@ -6,7 +6,7 @@ so the code travels with the exception instead of being guessed from its text.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 ErrorCode = Literal[
     "invalid_json",
@@ -24,21 +24,7 @@ ErrorCode = Literal[
     "runtime_hung",
 ]
 
-ERROR_CODES: tuple[ErrorCode, ...] = (
-    "invalid_json",
-    "invalid_request",
-    "prompt_too_long",
-    "invalid_utf8",
-    "queue_full",
-    "unsupported",
-    "forbidden_topic",
-    "not_ready",
-    "timeout",
-    "aborted",
-    "runtime_error",
-    "runtime_crashed",
-    "runtime_hung",
-)
+ERROR_CODES: tuple[ErrorCode, ...] = get_args(ErrorCode)
 
 
 class RkllmMqttError(Exception):

@@ -59,6 +59,11 @@ class Topics:
     def last(self) -> str:
         return f"{self.root}/last"
 
+    @property
+    def event(self) -> str:
+        """Home Assistant's event entity: one non-retained message per final response."""
+        return f"{self.root}/event"
+
     def response(self, request_id: str) -> str:
         return f"{self.root}/response/{request_id}"
 

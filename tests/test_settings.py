@@ -131,3 +131,27 @@ def test_configuration_doc_describes_every_key() -> None:
         assert f"## `[{section}]`" in doc, section
         for key in type(model).model_fields:
             assert f"`{key}`" in doc, f"{section}.{key} is missing from docs/configuration.md"
+
+
+def test_topic_reference_lists_every_error_code_and_topic() -> None:
+    from rkllm_mqtt.errors import ERROR_CODES
+    from rkllm_mqtt.topics import Topics
+
+    doc = (REPO / "docs" / "topics.md").read_text()
+    for code in ERROR_CODES:
+        assert f"`{code}`" in doc, f"error code {code} is not documented"
+    topics = Topics("{b}", "{n}")
+    for topic in (
+        topics.availability,
+        topics.prompt,
+        topics.abort,
+        topics.clear,
+        topics.state,
+        topics.health,
+        topics.model,
+        topics.error,
+        topics.last,
+        topics.event,
+        topics.group_prompt,
+    ):
+        assert topic in doc, f"{topic} is not documented"

@@ -67,7 +67,7 @@ def is_ha_online(payload: bytes) -> bool:
 
 def ha_event_topic(settings: Settings) -> str:
     """``{base}/{node}/event``: not retained, one :class:`HomeAssistantEvent` per final response."""
-    return f"{_topics(settings).root}/event"
+    return _topics(settings).event
 
 
 def discovery_subscriptions(settings: Settings) -> list[str]:

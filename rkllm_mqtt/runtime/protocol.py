@@ -27,7 +27,6 @@ class EventKind(IntEnum):
     RUN_ERROR = 5  # the ERROR callback (state 3)
     CAP_REACHED = 6  # the token cap the parent asked the worker to enforce was reached
     RUN_RETURNED = 7  # JSON {"ret", "message"}: rkllm_run returned; the runtime is free again
-    CONTROL_DONE = 8  # JSON {"op", "ok", "message"}: a non-run command finished
 
 
 @dataclass(frozen=True)

@@ -205,15 +205,6 @@ class Worker:
                 return
             self.run_one(cmd)
 
-    def control(self, op: str) -> None:
-        ok, message = True, ""
-        try:
-            if op == "clear":
-                self.binding.clear_kv_cache(False)
-        except RkllmMqttError as exc:
-            ok, message = False, exc.message
-        self.emit_json(EventKind.CONTROL_DONE, {"op": op, "ok": ok, "message": message})
-
     def serve(self, commands: Any) -> None:
         runner = threading.Thread(target=self.runner, name="rkllm-run", daemon=True)
         runner.start()
@@ -224,8 +215,6 @@ class Worker:
                 self.runs.put(cmd)
             elif op == "abort":
                 self.binding.abort()
-            elif op == "clear":
-                self.control("clear")
             elif op == "shutdown":
                 break
         # stdin closed or shutdown asked: release the NPU cleanly when no run is stuck.
