@@ -45,3 +45,27 @@ def test_taken_port_is_reported_not_hung() -> None:
         port = holder.getsockname()[1]
         with pytest.raises(BrokerStartError, match=f"port {port}.*already in use"):
             EmbeddedBroker("127.0.0.1", port).start()
+
+
+def test_serve_exits_non_zero_when_the_embedded_port_is_taken() -> None:
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RKLLM_MQTT_")}
+        env["RKLLM_MQTT_MQTT__PORT"] = str(port)
+        result = subprocess.run(
+            [sys.executable, "-m", "rkllm_mqtt", "serve"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+        )
+    assert result.returncode != 0
+    assert "already in use" in result.stderr
+    assert "embedded_defaults" in result.stderr, "the log must say loudly that it runs on the embedded defaults"
