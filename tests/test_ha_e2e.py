@@ -1,0 +1,81 @@
+"""Home Assistant discovery as the daemon publishes it, on a real broker."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rkllm_mqtt.broker import EmbeddedBroker
+
+from .harness import Daemon, Probe, wait_ready
+from .helpers import unique_topic
+
+ENTITY_COUNT = 16
+
+
+def configs(probe: Probe, prefix: str, node: str) -> dict[str, bytes]:
+    """The latest payload seen on each of this node's config topics."""
+    latest: dict[str, bytes] = {}
+    for message in probe.messages:
+        parts = message.topic.split("/")
+        if len(parts) == 5 and parts[0] == prefix and parts[2] == node and parts[4] == "config":
+            latest[message.topic] = message.payload
+    return latest
+
+
+def test_discovery_is_published_reannounced_and_stale_configs_cleared(
+    amqtt_broker: EmbeddedBroker, tmp_path: Path
+) -> None:
+    prefix = unique_topic("ha")
+    node = unique_topic("node")
+    probe = Probe(amqtt_broker.port).start()
+    try:
+        probe.subscribe(f"{prefix}/#")
+        stale = f"{prefix}/sensor/{node}/old_entity/config"
+        foreign = f"{prefix}/sensor/other-node/old_entity/config"
+        probe.publish(stale, json.dumps({"name": "old"}), retain=True)
+        probe.publish(foreign, json.dumps({"name": "not ours"}), retain=True)
+        daemon = Daemon(tmp_path, amqtt_broker.port, node=node, homeassistant={"discovery_prefix": prefix}).start()
+        wait_ready(probe, daemon)
+        probe.wait_for(lambda msgs: len([t for t, p in configs(probe, prefix, node).items() if p]) >= ENTITY_COUNT)
+        probe.wait_for(lambda msgs: configs(probe, prefix, node).get(stale) == b"", timeout=15)
+        assert not [m for m in probe.on(foreign) if m.payload == b""], "another node's config must be left alone"
+        published = {t: json.loads(p) for t, p in configs(probe, prefix, node).items() if p}
+        assert len(published) == ENTITY_COUNT
+        device = next(iter(published.values()))["device"]
+        assert device["model"] == "simulated"
+        for config in published.values():
+            assert config["availability"][0]["topic"] == f"rkllm/{node}/availability"
+        before = len([m for m in probe.messages if m.topic.startswith(f"{prefix}/text/{node}/")])
+        probe.publish(f"{prefix}/status", "online")
+        probe.wait_for(
+            lambda msgs: len([m for m in msgs if m.topic.startswith(f"{prefix}/text/{node}/")]) > before, timeout=15
+        )
+        probe.subscribe(f"rkllm/{node}/event")
+        probe.publish(f"rkllm/{node}/prompt", "Hello from the text entity")
+        event = probe.wait_json(f"rkllm/{node}/event", lambda e: True)
+        assert event["event_type"] == "done" and "Hello from the text entity" in event["text"]
+        daemon.stop()
+    finally:
+        probe.publish(foreign, b"", retain=True)
+        probe.stop()
+
+
+def test_disabled_discovery_removes_the_device(amqtt_broker: EmbeddedBroker, tmp_path: Path) -> None:
+    prefix = unique_topic("ha")
+    node = unique_topic("node")
+    probe = Probe(amqtt_broker.port).start()
+    try:
+        probe.subscribe(f"{prefix}/#")
+        first = Daemon(tmp_path, amqtt_broker.port, node=node, homeassistant={"discovery_prefix": prefix}).start()
+        wait_ready(probe, first)
+        probe.wait_for(lambda msgs: len([p for p in configs(probe, prefix, node).values() if p]) >= ENTITY_COUNT)
+        first.stop()
+        second = Daemon(
+            tmp_path, amqtt_broker.port, node=node, homeassistant={"discovery_prefix": prefix, "enabled": False}
+        ).start()
+        probe.wait_for(lambda msgs: all(p == b"" for p in configs(probe, prefix, node).values()), timeout=20)
+        assert len(configs(probe, prefix, node)) == ENTITY_COUNT
+        second.stop()
+    finally:
+        probe.stop()
