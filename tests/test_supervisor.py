@@ -267,3 +267,51 @@ def test_per_request_sampling_reaches_the_1_3_runtime(trace: Path) -> None:
     assert runs and "max_new_tokens=7" in runs[-1]
     assert "temperature=0.25" in runs[-1] and "top_k=7" in runs[-1]
     assert "rkllm_run_async" not in trace.read_text()
+
+
+def test_lora_adapters_and_prompt_cache_from_settings_reach_the_runtime(trace: Path, tmp_path: Path) -> None:
+    adapter = tmp_path / "style.rkllm"
+    adapter.write_bytes(b"lora")
+    cache = tmp_path / "prompt-cache.bin"
+    cache.write_bytes(b"cache")
+    settings = Settings(
+        runtime={
+            "library": "sim",
+            "abi": "1.3",
+            "model_path": FAST,
+            "lora_adapters": [{"path": str(adapter), "name": "style", "scale": 0.5}],
+            "prompt_cache_path": str(cache),
+        }
+    )
+    supervisor = started(settings)
+    try:
+        assert supervisor.wait_ready(20), supervisor.last_error
+        assert supervisor.model_info is not None and supervisor.model_info.lora_adapters == ["style"]
+        result, _ = ask(supervisor, "styled")
+        assert result.error_code is None
+    finally:
+        supervisor.stop()
+    calls = trace.read_text()
+    assert f"rkllm_load_lora path={adapter} name=style scale=0.50" in calls
+    assert f"rkllm_load_prompt_cache path={cache}" in calls
+    runs = [line for line in calls.splitlines() if line.startswith("rkllm_run ")]
+    assert runs and "lora=style" in runs[-1]
+
+
+def test_missing_lora_adapter_is_an_init_failure_naming_it(tmp_path: Path) -> None:
+    missing = tmp_path / "absent-lora.rkllm"
+    settings = Settings(
+        runtime={
+            "library": "sim",
+            "model_path": FAST,
+            "lora_adapters": [{"path": str(missing), "name": "absent"}],
+            "restart_backoff_s": 5.0,
+        }
+    )
+    supervisor = started(settings)
+    try:
+        assert supervisor.wait_settled(20) == "failed"
+        assert "rkllm_load_lora" in (supervisor.last_error or "")
+        assert str(missing) in (supervisor.last_error or ""), "the message must name the adapter file"
+    finally:
+        supervisor.stop()
