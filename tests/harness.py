@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,19 +31,28 @@ def mosquitto_binary() -> str | None:
 class Mosquitto:
     """A Mosquitto broker on a free loopback port, with persistence so it can be restarted."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, *, users: dict[str, str] | None = None) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.users = users
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def _auth_lines(self) -> str:
+        if not self.users:
+            return "allow_anonymous true\n"
+        password_file = self.workdir / "mosquitto.passwd"
+        password_file.write_text("")
+        for user, password in self.users.items():
+            subprocess.run(["mosquitto_passwd", "-b", str(password_file), user, password], check=True, timeout=10)
+        password_file.chmod(0o600)
+        return f"allow_anonymous false\npassword_file {password_file}\n"
 
     def start(self) -> None:
         binary = mosquitto_binary()
         assert binary is not None, "mosquitto is not installed"
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
-            f"listener {self.port} 127.0.0.1\n"
-            "allow_anonymous true\n"
-            "persistence true\n"
+            f"listener {self.port} 127.0.0.1\n" + self._auth_lines() + "persistence true\n"
             f"persistence_location {self.workdir}/\n"
             "autosave_interval 1\n"
             "max_queued_messages 100000\n"
@@ -53,8 +63,6 @@ class Mosquitto:
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             try:
-                import socket
-
                 with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
                     return
             except OSError:
@@ -87,7 +95,16 @@ class Received:
 class Probe:
     """A test MQTT client that records everything it receives on its subscriptions."""
 
-    def __init__(self, port: int, *, v5: bool = False, client_id: str | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self,
+        port: int,
+        *,
+        v5: bool = False,
+        client_id: str | None = None,
+        persistent: bool = False,
+        auth: tuple[str, str] | None = None,
+    ) -> None:
+        self.auth = auth
         self.port = port
         self.v5 = v5
         self.client_id = client_id or unique_topic("probe")
@@ -105,6 +122,8 @@ class Probe:
             protocol=mqtt.MQTTv5 if self.v5 else mqtt.MQTTv311,
             clean_session=None if self.v5 else not self.persistent,
         )
+        if self.auth is not None:
+            client.username_pw_set(*self.auth)
         client.on_message = self._on_message
         client.on_connect = lambda *args: self.connected.set()
         client.on_subscribe = self._on_subscribe
