@@ -29,6 +29,7 @@ def test_discovery_is_published_reannounced_and_stale_configs_cleared(
     prefix = unique_topic("ha")
     node = unique_topic("node")
     probe = Probe(amqtt_broker.port).start()
+    daemon: Daemon | None = None
     try:
         probe.subscribe(f"{prefix}/#")
         stale = f"{prefix}/sensor/{node}/old_entity/config"
@@ -55,8 +56,9 @@ def test_discovery_is_published_reannounced_and_stale_configs_cleared(
         probe.publish(f"rkllm/{node}/prompt", "Hello from the text entity")
         event = probe.wait_json(f"rkllm/{node}/event", lambda e: True)
         assert event["event_type"] == "done" and "Hello from the text entity" in event["text"]
-        daemon.stop()
     finally:
+        if daemon is not None:
+            daemon.stop()
         probe.publish(foreign, b"", retain=True)
         probe.stop()
 
@@ -65,17 +67,20 @@ def test_disabled_discovery_removes_the_device(amqtt_broker: EmbeddedBroker, tmp
     prefix = unique_topic("ha")
     node = unique_topic("node")
     probe = Probe(amqtt_broker.port).start()
+    first = Daemon(tmp_path, amqtt_broker.port, node=node, homeassistant={"discovery_prefix": prefix})
+    second = Daemon(
+        tmp_path, amqtt_broker.port, node=node, homeassistant={"discovery_prefix": prefix, "enabled": False}
+    )
     try:
         probe.subscribe(f"{prefix}/#")
-        first = Daemon(tmp_path, amqtt_broker.port, node=node, homeassistant={"discovery_prefix": prefix}).start()
+        first.start()
         wait_ready(probe, first)
         probe.wait_for(lambda msgs: len([p for p in configs(probe, prefix, node).values() if p]) >= ENTITY_COUNT)
         first.stop()
-        second = Daemon(
-            tmp_path, amqtt_broker.port, node=node, homeassistant={"discovery_prefix": prefix, "enabled": False}
-        ).start()
+        second.start()
         probe.wait_for(lambda msgs: all(p == b"" for p in configs(probe, prefix, node).values()), timeout=20)
         assert len(configs(probe, prefix, node)) == ENTITY_COUNT
-        second.stop()
     finally:
+        first.stop()
+        second.stop()
         probe.stop()
