@@ -462,6 +462,9 @@ typedef struct {
     int kv_tokens; /* positions held, for rkllm_get_kv_cache_size */
     atomic_bool running;
     atomic_bool abort_requested;
+    /* Wakes the wait between tokens when an abort arrives, so pacing needs no polling. */
+    pthread_mutex_t wake_lock;
+    pthread_cond_t wake;
 } SimModel;
 
 static const char *const corpus_en[] = {
@@ -808,20 +811,27 @@ static int deliver_token(RunContext *ctx, const char *text) {
     return call_back(ctx, text + piece_start, len - piece_start, RKLLM_RUN_NORMAL);
 }
 
-/* Waits between tokens; an abort ends the wait early (generation is interruptible, prefill is not). */
+/* Waits between tokens; an abort ends the wait early (generation is interruptible, prefill is not).
+ * A condition variable on CLOCK_MONOTONIC: the wait costs one wake-up, not a poll every few milliseconds. */
 static bool wait_or_abort(SimModel *model, uint64_t ns) {
     uint64_t deadline = now_ns() + ns;
+    struct timespec until = {.tv_sec = (time_t)(deadline / 1000000000ull),
+                             .tv_nsec = (long)(deadline % 1000000000ull)};
+    bool aborted = false;
+    pthread_mutex_lock(&model->wake_lock);
     for (;;) {
-        if (atomic_load(&model->abort_requested)) {
-            return false;
+        aborted = atomic_load(&model->abort_requested);
+        if (aborted || now_ns() >= deadline) {
+            break;
         }
-        uint64_t now = now_ns();
-        if (now >= deadline) {
-            return true;
+        int rc = pthread_cond_timedwait(&model->wake, &model->wake_lock, &until);
+        if (rc == ETIMEDOUT) {
+            aborted = atomic_load(&model->abort_requested);
+            break;
         }
-        uint64_t left = deadline - now;
-        sleep_ns(left < 2000000ull ? left : 2000000ull);
     }
+    pthread_mutex_unlock(&model->wake_lock);
+    return !aborted;
 }
 
 /* ------------------------------------------------------------------------------------------------------ */
@@ -939,6 +949,12 @@ SIM_API int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *call
     model->result_userdata = result_userdata;
     atomic_init(&model->running, false);
     atomic_init(&model->abort_requested, false);
+    pthread_condattr_t wake_attr;
+    pthread_condattr_init(&wake_attr);
+    pthread_condattr_setclock(&wake_attr, CLOCK_MONOTONIC);
+    pthread_mutex_init(&model->wake_lock, NULL);
+    pthread_cond_init(&model->wake, &wake_attr);
+    pthread_condattr_destroy(&wake_attr);
     *handle = model;
     log_info("sim model loaded: %s (tokens=%d rate=%.1f prefill_ms=%d)", param->model_path, spec.tokens, spec.rate,
              spec.prefill_ms);
@@ -1025,6 +1041,8 @@ SIM_API int rkllm_destroy(LLMHandle handle) {
     free(model->system_prompt);
     free(model->prompt_prefix);
     free(model->prompt_postfix);
+    pthread_cond_destroy(&model->wake);
+    pthread_mutex_destroy(&model->wake_lock);
     free(model);
     return 0;
 }
@@ -1272,7 +1290,10 @@ SIM_API int rkllm_abort(LLMHandle handle) {
     if (model == NULL) {
         return -1;
     }
+    pthread_mutex_lock(&model->wake_lock);
     atomic_store(&model->abort_requested, true);
+    pthread_cond_broadcast(&model->wake);
+    pthread_mutex_unlock(&model->wake_lock);
     return 0;
 }
 
