@@ -24,12 +24,12 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def summary(values: Sequence[float]) -> dict[str, float | int]:
-    """Count, min, p50, p90, p99, max and mean of ``values`` (an empty sequence gives only the count)."""
+def summary(values: Sequence[float], digits: int = 3) -> dict[str, float | int]:
+    """Count, min, p50, p90, p99, max and mean of ``values``, rounded to ``digits`` decimals (an empty sequence
+    gives only the count)."""
     if not values:
         return {"n": 0}
-    return {
-        "n": len(values),
+    figures = {
         "min": min(values),
         "p50": percentile(values, 50),
         "p90": percentile(values, 90),
@@ -37,6 +37,7 @@ def summary(values: Sequence[float]) -> dict[str, float | int]:
         "max": max(values),
         "mean": sum(values) / len(values),
     }
+    return {"n": len(values), **{name: round(value, digits) for name, value in figures.items()}}
 
 
 def median(values: Sequence[float]) -> float:

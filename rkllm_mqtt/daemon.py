@@ -86,8 +86,9 @@ class Daemon:
         )
         self.bridge.attach(self.transport)
         self.bridge.start()
-        self.supervisor.start()
+        # The transport first: the supervisor's first status change is then published, not refused.
         self.transport.start()
+        self.supervisor.start()
         return 0
 
     def _runtime_changed(self) -> None:

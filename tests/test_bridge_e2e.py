@@ -399,3 +399,33 @@ def test_auto_protocol_falls_back_to_311_on_a_311_only_broker(
     assert connects and connects[-1]["protocol"] == "3.1.1"
     probe.publish(f"{daemon.root}/prompt", json.dumps({"id": "fallback", "prompt": "x"}))
     assert probe.wait_json(f"{daemon.root}/response/fallback", lambda r: True)["state"] == "done"
+
+
+def test_stream_interval_coalesces_chunks_and_keeps_every_byte(
+    amqtt_broker: EmbeddedBroker, probe: Probe, daemons: list[Daemon], tmp_path: Path
+) -> None:
+    daemon = launch(
+        daemons,
+        tmp_path,
+        amqtt_broker.port,
+        probe,
+        runtime={"model_path": "sim:rate=400,prefill_ms=0,tokens=200"},
+        limits={"stream_interval_ms": 100},
+    )
+    probe.publish(f"{daemon.root}/prompt", json.dumps({"id": "coalesced", "prompt": "x"}))
+    final = probe.wait_json(f"{daemon.root}/response/coalesced", lambda r: True)
+    chunks = [m.json() for m in probe.on(f"{daemon.root}/response/coalesced/stream")]
+    assert final["usage"]["completion_tokens"] == 200
+    assert 2 <= len(chunks) < 50, "200 tokens over ~0.5 s at 100 ms should make a handful of chunks"
+    assert [c["seq"] for c in chunks] == list(range(len(chunks)))
+    assert "".join(c["text"] for c in chunks) == final["text"]
+
+
+def test_stream_false_sends_only_the_final(
+    amqtt_broker: EmbeddedBroker, probe: Probe, daemons: list[Daemon], tmp_path: Path
+) -> None:
+    daemon = launch(daemons, tmp_path, amqtt_broker.port, probe)
+    probe.publish(f"{daemon.root}/prompt", json.dumps({"id": "quiet", "prompt": "x", "stream": False}))
+    final = probe.wait_json(f"{daemon.root}/response/quiet", lambda r: True)
+    assert final["state"] == "done" and final["text"]
+    assert not probe.on(f"{daemon.root}/response/quiet/stream")

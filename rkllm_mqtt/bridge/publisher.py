@@ -19,6 +19,11 @@ from rkllm_mqtt.topics import ReplyTopics, Topics
 
 log = structlog.get_logger(__name__)
 
+# Chunks merge instead of queueing once this many QoS 1 messages wait for the broker's acknowledgement. paho's
+# queue is otherwise unbounded, and past 65,535 messages it runs out of MQTT message ids and refuses publishes:
+# chunks and even the final response would be lost.
+MAX_BACKLOG = 1000
+
 
 class Publishing(Protocol):
     def publish(
@@ -32,6 +37,11 @@ class Publishing(Protocol):
         response_topic: str | None = None,
     ) -> object: ...
 
+    @property
+    def backlog(self) -> int:
+        """QoS 1 messages the broker has not acknowledged yet."""
+        ...
+
 
 class Publisher:
     # QoS 1 throughout: paho keeps QoS 1 messages while disconnected and sends them after the
@@ -39,6 +49,10 @@ class Publisher:
     def __init__(self, transport: Publishing, topics: Topics) -> None:
         self.transport = transport
         self.topics = topics
+
+    def congested(self) -> bool:
+        """The broker is behind by MAX_BACKLOG messages: a stream should merge its text rather than queue more."""
+        return self.transport.backlog >= MAX_BACKLOG
 
     def reply_topics(self, request_id: str, reply_topic: str | None) -> ReplyTopics:
         return ReplyTopics(reply_topic or self.topics.response(request_id))

@@ -466,6 +466,7 @@ class Bridge:
             lambda chunk: self.publisher.chunk(reply, chunk, request.correlation_data) if self.publisher else None,
             interval_ms=self.settings.limits.stream_interval_ms,
             enabled=request.stream,
+            congested=self.publisher.congested,
         )
         if self._current_abort_requested:
             result = GenerationResult("", "abort", "aborted", "aborted before it started")

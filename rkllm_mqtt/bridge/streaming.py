@@ -2,7 +2,9 @@
 
 With an interval of 0 every piece of decoded text becomes one message. With an interval, text is
 buffered and published at most once per interval; a token arriving after a quiet stretch longer
-than the interval goes out at once, so coalescing never delays a slow stream.
+than the interval goes out at once, so coalescing never delays a slow stream. While the broker is behind
+(``congested``), text is held and goes out merged with the next chunk: the stream keeps every byte, in order,
+without an unbounded queue of messages.
 """
 
 from __future__ import annotations
@@ -18,9 +20,18 @@ PublishChunk = Callable[[StreamChunk], None]
 class ChunkStreamer:
     """The supervisor's stream sink for one request. Used from one thread only."""
 
-    def __init__(self, request_id: str, publish: PublishChunk, *, interval_ms: int, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        request_id: str,
+        publish: PublishChunk,
+        *,
+        interval_ms: int,
+        enabled: bool = True,
+        congested: Callable[[], bool] | None = None,
+    ) -> None:
         self.request_id = request_id
         self.publish = publish
+        self.congested = congested or (lambda: False)
         self.interval_s = interval_ms / 1000.0
         self.enabled = enabled
         self.seq = 0
@@ -31,6 +42,8 @@ class ChunkStreamer:
         if not self.enabled:
             return
         self._buffer.append(chunk)
+        if self.congested():
+            return  # held: it goes out merged with a later chunk, at the latest by flush() at the end
         if self.interval_s <= 0 or time.monotonic() - self._last_flush >= self.interval_s:
             self.flush()
 

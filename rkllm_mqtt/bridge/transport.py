@@ -36,7 +36,9 @@ SESSION_EXPIRY_S = 3600
 CONNACK_TIMEOUT_S = 4.0
 RECONNECT_MIN_S = 1
 RECONNECT_MAX_S = 60
-MAX_INFLIGHT = 200
+# Unacknowledged QoS 1 publishes on the wire. Mosquitto advertises a Receive Maximum of 20 in its CONNACK and
+# MQTT 5 forbids sending more; paho does not read that value, so the bridge keeps to it.
+MAX_INFLIGHT = 20
 # Reason codes that mean "this broker does not speak MQTT 5" (v5 0x84, and 3.1.1's 1 read back).
 _PROTOCOL_REFUSED = {0x84, 1}
 
@@ -55,6 +57,23 @@ class IncomingMessage:
 class Subscription:
     topic: str
     qos: int = 1
+
+
+class _Client(mqtt.Client):
+    """paho's client with a longer network-loop timeout.
+
+    ``loop_start`` runs ``loop_forever`` with select() timing out every second: one wake-up per second in
+    an idle daemon. Publishing wakes the loop through paho's socket pair anyway, so the timeout only paces the
+    keepalive check; a quarter of the keepalive still sends every PINGREQ well within the broker's 1.5x grace.
+    """
+
+    loop_timeout_s = 1.0
+
+    def _thread_main(self) -> None:  # paho's own, with the timeout passed on
+        try:
+            self.loop_forever(timeout=self.loop_timeout_s, retry_first_connection=True)
+        finally:
+            self._thread = None
 
 
 class MqttTransport:
@@ -87,6 +106,8 @@ class MqttTransport:
         self._socket_opened = False
         self._fallback_timer: threading.Timer | None = None
         self._stopping = False
+        self._unacked = 0  # QoS 1 publishes paho holds until the broker acknowledges them (queued or in flight)
+        self._unacked_lock = threading.Lock()
 
     # -- state --------------------------------------------------------------------------------
 
@@ -132,7 +153,7 @@ class MqttTransport:
     def _build_client(self) -> mqtt.Client:
         s = self.settings
         v5 = self.is_v5
-        client = mqtt.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=s.resolved_client_id(),
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
@@ -150,6 +171,7 @@ class MqttTransport:
                 context.check_hostname = False
                 context.verify_mode = ssl.CERT_NONE
             client.tls_set_context(context)
+        client.loop_timeout_s = s.keepalive_s / 4
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.max_inflight_messages_set(MAX_INFLIGHT)
         client.max_queued_messages_set(0)  # unbounded: nothing the bridge publishes is dropped while away
@@ -157,6 +179,7 @@ class MqttTransport:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_socket_open = self._on_socket_open
+        client.on_publish = self._on_publish
         return client
 
     def _connect(self, client: mqtt.Client) -> None:
@@ -252,6 +275,17 @@ class MqttTransport:
             log.warning("mqtt_disconnected", reason=str(reason_code), will_reconnect=True)
             self.on_disconnected()
 
+    def _on_publish(
+        self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Properties
+    ) -> None:
+        with self._unacked_lock:
+            self._unacked = max(0, self._unacked - 1)
+
+    @property
+    def backlog(self) -> int:
+        """QoS 1 messages not yet acknowledged by the broker: paho's queue, which nothing else bounds."""
+        return self._unacked
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         props = getattr(message, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
@@ -290,6 +324,9 @@ class MqttTransport:
             if response_topic is not None:
                 properties.ResponseTopic = response_topic
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            with self._unacked_lock:
+                self._unacked += 1
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("mqtt_publish_failed", topic=topic, rc=info.rc)
         return info
