@@ -304,7 +304,6 @@ def test_sigterm_answers_queued_publishes_offline_and_exits_zero(
         probe.publish(f"{daemon.root}/prompt", json.dumps({"id": request_id, "prompt": request_id}))
     probe.wait_topic(f"{daemon.root}/response/running/stream", 1)
     assert daemon.stop() == 0
-    answered = finals(probe, daemon)
     probe.wait_for(lambda msgs: len(finals(probe, daemon)) == 3, timeout=10)
     answered = finals(probe, daemon)
     assert {rid: r[0]["state"] for rid, r in answered.items()} == {
