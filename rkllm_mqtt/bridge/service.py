@@ -15,7 +15,6 @@ import random
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
 
 import structlog
 
@@ -628,7 +627,3 @@ class Bridge:
             self._dispatcher.join(5.0)
         with contextlib.suppress(Exception):
             self._publish_state()
-
-    def snapshot(self) -> dict[str, Any]:
-        """Counters for logs and tests."""
-        return {"requests_total": self._requests_total, "errors_total": self._errors_total}

@@ -88,7 +88,6 @@ class MqttTransport:
         subscriptions: list[Subscription],
         on_message: Callable[[IncomingMessage], None],
         on_connected: Callable[[], None],
-        on_disconnected: Callable[[], None] | None = None,
         force_protocol: str | None = None,
     ) -> None:
         self.settings = settings
@@ -97,7 +96,6 @@ class MqttTransport:
         self.subscriptions = subscriptions
         self.on_message = on_message
         self.on_connected = on_connected
-        self.on_disconnected = on_disconnected or (lambda: None)
         self.protocol = force_protocol or settings.protocol
         self._client: mqtt.Client | None = None
         self._lock = threading.Lock()
@@ -273,7 +271,6 @@ class MqttTransport:
             return
         if not self._stopping and was_connected:
             log.warning("mqtt_disconnected", reason=str(reason_code), will_reconnect=True)
-            self.on_disconnected()
 
     def _on_publish(
         self, client: mqtt.Client, userdata: Any, mid: int, reason_code: ReasonCode, properties: Properties
@@ -330,13 +327,3 @@ class MqttTransport:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("mqtt_publish_failed", topic=topic, rc=info.rc)
         return info
-
-    def subscribe(self, topic: str, qos: int = 1) -> None:
-        client = self._client
-        if client is not None:
-            client.subscribe(topic, qos)
-
-    def unsubscribe(self, topic: str) -> None:
-        client = self._client
-        if client is not None:
-            client.unsubscribe(topic)

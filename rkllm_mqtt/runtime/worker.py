@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from rkllm_mqtt.errors import RkllmMqttError
+from rkllm_mqtt.runtime.abi import decide_abi, resolve_library, sim_library_path
+from rkllm_mqtt.runtime.binding import InitParams, RkllmBinding, Sampling
 from rkllm_mqtt.runtime.protocol import EventKind, encode_event, encode_json_event, write_all
 from rkllm_mqtt.runtime.template import ChatTemplate, build_template
 
@@ -102,9 +104,6 @@ class Worker:
     # -- start-up -------------------------------------------------------------------------------
 
     def load(self) -> bool:
-        from rkllm_mqtt.runtime.abi import decide_abi, resolve_library, sim_library_path
-        from rkllm_mqtt.runtime.binding import InitParams, RkllmBinding
-
         cfg = self.config
         stage = "library"
         try:
@@ -174,8 +173,6 @@ class Worker:
     # -- commands ---------------------------------------------------------------------------------
 
     def run_one(self, cmd: dict[str, Any]) -> None:
-        from rkllm_mqtt.runtime.binding import Sampling
-
         ret, message = 0, ""
         try:
             self.apply_template(str(cmd.get("system") or ""))
