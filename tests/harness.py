@@ -161,7 +161,7 @@ class Probe:
         for topic in topics:
             self.client.subscribe(topic, qos=1)
         with self.cond:
-            assert self.cond.wait_for(lambda: self.subacks >= target, 10), "no SUBACK"
+            assert self.cond.wait_for(lambda: self.subacks >= target, 20), "no SUBACK"
 
     def publish(
         self,
@@ -233,6 +233,8 @@ class Daemon:
             "mqtt": {"host": "127.0.0.1", "port": self.port, "node_id": self.node, "protocol": "3.1.1"},
             "runtime": {"model_path": "sim:rate=0,prefill_ms=0,tokens=12", "library": "sim", "restart_backoff_s": 0.2},
             "logging": {"format": "json", "level": "info"},
+            # Discovery adds 16 retained configs per daemon to the shared test broker; the tests of it turn it on.
+            "homeassistant": {"enabled": False},
         }
         for name, values in self.sections.items():
             sections.setdefault(name, {}).update(values)

@@ -36,7 +36,9 @@ def test_discovery_is_published_reannounced_and_stale_configs_cleared(
         foreign = f"{prefix}/sensor/other-node/old_entity/config"
         probe.publish(stale, json.dumps({"name": "old"}), retain=True)
         probe.publish(foreign, json.dumps({"name": "not ours"}), retain=True)
-        daemon = Daemon(tmp_path, amqtt_broker.port, node=node, homeassistant={"discovery_prefix": prefix}).start()
+        daemon = Daemon(
+            tmp_path, amqtt_broker.port, node=node, homeassistant={"discovery_prefix": prefix, "enabled": True}
+        ).start()
         wait_ready(probe, daemon)
         probe.wait_for(lambda msgs: len([t for t, p in configs(probe, prefix, node).items() if p]) >= ENTITY_COUNT)
         probe.wait_for(lambda msgs: configs(probe, prefix, node).get(stale) == b"", timeout=15)
@@ -67,7 +69,7 @@ def test_disabled_discovery_removes_the_device(amqtt_broker: EmbeddedBroker, tmp
     prefix = unique_topic("ha")
     node = unique_topic("node")
     probe = Probe(amqtt_broker.port).start()
-    first = Daemon(tmp_path, amqtt_broker.port, node=node, homeassistant={"discovery_prefix": prefix})
+    first = Daemon(tmp_path, amqtt_broker.port, node=node, homeassistant={"discovery_prefix": prefix, "enabled": True})
     second = Daemon(
         tmp_path, amqtt_broker.port, node=node, homeassistant={"discovery_prefix": prefix, "enabled": False}
     )
