@@ -64,6 +64,21 @@ class Topics:
         """Home Assistant's event entity: one non-retained message per final response."""
         return f"{self.root}/event"
 
+    def fixed(self) -> tuple[str, ...]:
+        """Every topic of this node whose name does not depend on a request."""
+        return (
+            self.availability,
+            self.prompt,
+            self.abort,
+            self.clear,
+            self.state,
+            self.health,
+            self.model,
+            self.error,
+            self.last,
+            self.event,
+        )
+
     def response(self, request_id: str) -> str:
         return f"{self.root}/response/{request_id}"
 

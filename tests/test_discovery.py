@@ -98,19 +98,7 @@ def configs(settings: Settings, model: ModelInfo | None = None) -> dict[tuple[st
 
 
 def daemon_topics(settings: Settings) -> set[str]:
-    topics = Topics(settings.mqtt.base_topic, settings.mqtt.node_id)
-    return {
-        topics.availability,
-        topics.prompt,
-        topics.abort,
-        topics.clear,
-        topics.state,
-        topics.health,
-        topics.model,
-        topics.error,
-        topics.last,
-        f"{topics.root}/event",
-    }
+    return set(Topics(settings.mqtt.base_topic, settings.mqtt.node_id).fixed())
 
 
 def slugify(text: str) -> str:

@@ -141,17 +141,5 @@ def test_topic_reference_lists_every_error_code_and_topic() -> None:
     for code in ERROR_CODES:
         assert f"`{code}`" in doc, f"error code {code} is not documented"
     topics = Topics("{b}", "{n}")
-    for topic in (
-        topics.availability,
-        topics.prompt,
-        topics.abort,
-        topics.clear,
-        topics.state,
-        topics.health,
-        topics.model,
-        topics.error,
-        topics.last,
-        topics.event,
-        topics.group_prompt,
-    ):
+    for topic in (*topics.fixed(), topics.group_prompt):
         assert topic in doc, f"{topic} is not documented"
