@@ -22,10 +22,17 @@ from typing import Any
 
 import structlog
 
+from rkllm_mqtt import __version__
+
 log = structlog.get_logger(__name__)
 
 # Set while amqtt handles a SUBSCRIBE packet: the only time retained messages are due (see below).
 _SUBSCRIBING: contextvars.ContextVar[bool] = contextvars.ContextVar("rkllm_mqtt_subscribing", default=False)
+
+# The broker says what it is on this retained topic, as Mosquitto does ("mosquitto version 2.0.18"); doctor
+# reads it to recognise the embedded broker of a daemon that is already running.
+SYS_VERSION_TOPIC = "$SYS/broker/version"
+EMBEDDED_IDENTITY = "rkllm-mqtt embedded broker"
 
 # The amqtt releases the corrections below were written for and tested with.
 TESTED_AMQTT_VERSIONS = ("0.12.1",)
@@ -89,6 +96,8 @@ class EmbeddedBroker:
         async def boot() -> None:
             self._broker = broker_class(self._config(), loop=loop)
             await self._broker.start()
+            identity = f"{EMBEDDED_IDENTITY} {__version__} (amqtt {amqtt_version()})"
+            await self._broker.retain_message(None, SYS_VERSION_TOPIC, identity.encode(), 0)
 
         try:
             loop.run_until_complete(boot())

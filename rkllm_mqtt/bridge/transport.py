@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -23,11 +22,11 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from rkllm_mqtt.mqtt_client import build_client
 from rkllm_mqtt.settings import MqttSettings
 
 log = structlog.get_logger(__name__)
@@ -150,25 +149,15 @@ class MqttTransport:
 
     def _build_client(self) -> mqtt.Client:
         s = self.settings
-        v5 = self.is_v5
-        client = _Client(
-            CallbackAPIVersion.VERSION2,
+        # Credentials and TLS exactly as ask and doctor use them (rkllm_mqtt.mqtt_client).
+        client = build_client(
+            s,
             client_id=s.resolved_client_id(),
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else False,
+            protocol="5" if self.is_v5 else "3.1.1",
+            persistent=True,
+            client_class=_Client,
         )
         client.will_set(self.availability_topic, b"offline", qos=1, retain=True)
-        password = s.resolved_password()
-        if s.username is not None or password is not None:
-            client.username_pw_set(s.username, password.get_secret_value() if password else None)
-        if s.uses_tls:
-            context = ssl.create_default_context(cafile=str(s.tls_ca_file) if s.tls_ca_file else None)
-            if s.tls_cert_file is not None:
-                context.load_cert_chain(str(s.tls_cert_file), str(s.tls_key_file) if s.tls_key_file else None)
-            if s.tls_insecure:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            client.tls_set_context(context)
         client.loop_timeout_s = s.keepalive_s / 4
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.max_inflight_messages_set(MAX_INFLIGHT)
