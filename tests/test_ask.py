@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from rkllm_mqtt import exit_codes
 from rkllm_mqtt.broker import EmbeddedBroker
 
 from .harness import Daemon, Mosquitto, Probe, mosquitto_binary, wait_ready
+from .helpers import free_port
 
 
 def run_ask(port: int, node: str, *args: str, protocol: str = "3.1.1") -> subprocess.CompletedProcess[str]:
@@ -53,14 +55,50 @@ def test_ask_json_prints_the_final_response(amqtt_broker: EmbeddedBroker, daemon
 
 def test_ask_reports_an_error_and_exits_non_zero(amqtt_broker: EmbeddedBroker, daemon: Daemon) -> None:
     result = run_ask(amqtt_broker.port, daemon.node, "x" * 20000)
-    assert result.returncode == 1
+    assert result.returncode == exit_codes.REQUEST_FAILED
     assert "prompt_too_long" in result.stderr
 
 
-def test_ask_without_a_bridge_says_so(amqtt_broker: EmbeddedBroker) -> None:
-    result = run_ask(amqtt_broker.port, "nobody-home", "--timeout", "0.5", "anyone?")
-    assert result.returncode == 2
-    assert "no answer" in result.stderr
+def test_ask_names_an_unknown_node_and_the_nodes_it_can_see(amqtt_broker: EmbeddedBroker, daemon: Daemon) -> None:
+    # No --timeout: the default is 300 s, and the answer must come from the missing availability, not a timeout.
+    result = run_ask(amqtt_broker.port, "nobody-home", "anyone?")
+    assert result.returncode == exit_codes.NODE_OFFLINE, result.stderr
+    assert "node 'nobody-home' is unknown" in result.stderr
+    assert "rkllm/nobody-home/availability" in result.stderr
+    assert f"{daemon.node} (online)" in result.stderr
+
+
+def test_ask_says_at_once_that_the_node_is_offline(amqtt_broker: EmbeddedBroker, tmp_path: Path) -> None:
+    probe = Probe(amqtt_broker.port).start()
+    stopped = Daemon(tmp_path, amqtt_broker.port).start()
+    try:
+        wait_ready(probe, stopped)
+        assert stopped.stop() == 0
+        probe.wait_for(lambda msgs: any(m.payload == b"offline" for m in msgs))
+    finally:
+        probe.stop()
+    result = run_ask(amqtt_broker.port, stopped.node, "hello?")
+    assert result.returncode == exit_codes.NODE_OFFLINE, result.stderr
+    assert f"node '{stopped.node}' is offline ({stopped.root}/availability)" in result.stderr
+
+
+def test_ask_timeout_is_the_whole_wait(amqtt_broker: EmbeddedBroker) -> None:
+    # A node that says online but never answers: --timeout bounds the wait, and the message says so.
+    node = "silent-node"
+    probe = Probe(amqtt_broker.port).start()
+    try:
+        probe.publish(f"rkllm/{node}/availability", b"online", retain=True)
+        result = run_ask(amqtt_broker.port, node, "--timeout", "0.5", "anyone?")
+    finally:
+        probe.stop()
+    assert result.returncode == exit_codes.NO_ANSWER, result.stderr
+    assert "no answer within 0.5 s" in result.stderr
+
+
+def test_ask_cannot_reach_the_broker() -> None:
+    result = run_ask(free_port(), "any", "hello?")
+    assert result.returncode == exit_codes.BROKER_UNREACHABLE
+    assert "not reachable" in result.stderr
 
 
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
