@@ -242,15 +242,13 @@ def connect(
             if not last:
                 continue
             what = "closed the connection" if connection.lost else f"did not answer within {timeout:.0f} s"
-            raise ConnectError(
-                f"{place}: reachable, but the broker {what} (MQTT {protocol})",
-                "check that this port is an MQTT broker (not TLS, not websockets) and mqtt.protocol"
-                + (
-                    "; a broker that wants a client certificate closes the connection without one"
-                    if settings.uses_tls
-                    else ""
-                ),
-            )
+            hint = "check that this port is an MQTT broker (not TLS, not websockets) and mqtt.protocol"
+            if settings.uses_tls and settings.tls_cert_file is None and connection.lost:
+                hint = (
+                    "a broker that requires a client certificate closes the connection without one: set "
+                    "mqtt.tls_cert_file and mqtt.tls_key_file; " + hint
+                )
+            raise ConnectError(f"{place}: reachable, but the broker {what} (MQTT {protocol})", hint)
         value = int(code.value)
         if value == 0:
             return connection
