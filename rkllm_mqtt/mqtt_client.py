@@ -261,6 +261,8 @@ def connect(
                 f"{place}: login refused {login} ({code})",
                 "check mqtt.username and mqtt.password / mqtt.password_file",
             )
-        hint = 'set mqtt.protocol = "auto" or "3.1.1"' if value in PROTOCOL_REFUSED else None
-        raise ConnectError(f"{place}: connection refused by the broker ({code})", hint)
+        raise ConnectError(
+            f"{place}: connection refused by the broker ({code})",
+            'set mqtt.protocol = "auto" or "3.1.1"' if value in PROTOCOL_REFUSED else None,
+        )
     raise ConnectError(f"{place}: no MQTT protocol to try", None)  # pragma: no cover - tries is never empty
