@@ -71,7 +71,10 @@ class MqttSettings(_Section):
     tls_ca_file: Path | None = Field(None, description="CA certificate (PEM) that signed the broker's certificate.")
     tls_cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
     tls_key_file: Path | None = Field(None, description="Private key (PEM) of the client certificate.")
-    tls_insecure: bool = Field(False, description="Skip the broker host name check. For testing only.")
+    tls_insecure: bool = Field(
+        False,
+        description="Skip the check that the broker's certificate names mqtt.host; the chain is still verified.",
+    )
     client_id: str | None = Field(None, description="MQTT client id. Unset: rkllm-mqtt-<node_id>.")
     keepalive_s: int = Field(30, ge=5, le=65535, description="MQTT keepalive in seconds.")
     protocol: Literal["auto", "5", "3.1.1"] = Field(

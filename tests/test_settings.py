@@ -257,3 +257,13 @@ def test_discovery_set_in_the_file_wins_on_the_embedded_broker(tmp_path: Path) -
     config = tmp_path / "config.toml"
     config.write_text("[homeassistant]\nenabled = true\n")
     assert load_settings(config, environ={}).homeassistant.enabled is True
+
+
+def test_the_exit_code_table_in_the_docs_matches_the_code() -> None:
+    from rkllm_mqtt import exit_codes
+
+    doc = (REPO / "docs" / "cli.md").read_text()
+    assert len(set(exit_codes.MEANINGS)) == len(exit_codes.MEANINGS)
+    for code, meaning in exit_codes.MEANINGS.items():
+        assert f"| {code} | {meaning} |" in doc, f"exit code {code} is not in docs/cli.md as in exit_codes.py"
+    assert "docs/cli.md" in (REPO / "README.md").read_text()
