@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from rkllm_mqtt.errors import AbiError, RuntimeCallError, RuntimeLoadError
+from rkllm_mqtt.errors import AbiError, RequestError, RuntimeCallError, RuntimeLoadError
 from rkllm_mqtt.runtime.abi import sim_library_path
 from rkllm_mqtt.runtime.binding import (
     STATE_ERROR,
@@ -29,7 +29,6 @@ from rkllm_mqtt.runtime.binding import (
     PerfStats,
     RkllmBinding,
     Sampling,
-    UnsupportedOnAbi,
 )
 
 FAST = "rate=0,prefill_ms=0"
@@ -379,10 +378,10 @@ def test_per_request_settings_on_1_3_reach_c(binding: RkllmBinding, trace: Path)
 @pytest.mark.parametrize("abi", ["1.2"])
 def test_per_request_settings_on_1_2_are_refused(binding: RkllmBinding, trace: Path) -> None:
     loaded(binding, f"tokens=3,{FAST}")
-    with pytest.raises(UnsupportedOnAbi, match=r"1\.3") as info:
+    with pytest.raises(RequestError, match=r"1\.3") as info:
         binding.run("x", keep_history=False, sampling=Sampling(temperature=0.1))
     assert info.value.code == "unsupported"
-    with pytest.raises(UnsupportedOnAbi):
+    with pytest.raises(RequestError, match=r"1\.3"):
         binding.run("x", keep_history=False, max_new_tokens=2)
     assert trace_lines(trace, "rkllm_run") == []  # refused before C
     binding.run("x", keep_history=False, sampling=Sampling())  # nothing asked for: nothing to refuse

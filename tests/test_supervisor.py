@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from rkllm_mqtt.core.jobs import CancelToken, GenerationRequest
 from rkllm_mqtt.errors import RequestError
-from rkllm_mqtt.runtime.supervisor import GenerationRequest, RuntimeSupervisor
+from rkllm_mqtt.runtime.supervisor import RuntimeSupervisor
 from rkllm_mqtt.settings import Settings
 
 ABIS = ["1.2", "1.3"]
 
 
 class CollectingSink:
-    def __init__(self) -> None:
+    def __init__(self, signal_at: int = 1) -> None:
         self.chunks: list[str] = []
-        self.first = threading.Event()
+        self.signal_at = signal_at
+        self.reached = threading.Event()  # set once ``signal_at`` chunks arrived
 
     def text(self, chunk: str) -> None:
         self.chunks.append(chunk)
-        self.first.set()
+        if len(self.chunks) >= self.signal_at:
+            self.reached.set()
 
     def flush_deadline(self) -> float | None:
         return None
@@ -65,7 +67,7 @@ def runtime(request: pytest.FixtureRequest) -> Iterator[RuntimeSupervisor]:
 def ask(supervisor: RuntimeSupervisor, prompt: str, **fields: Any) -> tuple[Any, CollectingSink]:
     sink = CollectingSink()
     fields.setdefault("timeout_s", 20.0)
-    result = supervisor.generate(GenerationRequest(prompt=prompt, **fields), sink)
+    result = supervisor.generate(GenerationRequest(prompt=prompt, **fields), sink, CancelToken())
     return result, sink
 
 
@@ -105,23 +107,23 @@ def test_utf8_split_across_callbacks_is_decoded_intact(abi: str, lang: str) -> N
     "runtime", [(abi, "sim:rate=50,prefill_ms=0,tokens=500") for abi in ABIS], indirect=True, ids=ABIS
 )
 def test_abort_stops_generation_and_keeps_the_text(runtime: RuntimeSupervisor) -> None:
-    sink = CollectingSink()
+    sink = CollectingSink(signal_at=5)
+    cancel = CancelToken()
     outcome: dict[str, Any] = {}
 
     def run() -> None:
-        outcome["result"] = runtime.generate(GenerationRequest(prompt="long", timeout_s=30), sink)
+        outcome["result"] = runtime.generate(GenerationRequest(prompt="long", timeout_s=30), sink, cancel)
 
     worker = threading.Thread(target=run)
     worker.start()
-    assert sink.first.wait(10)
-    time.sleep(0.1)
-    runtime.abort()
+    assert sink.reached.wait(10)  # mid-stream: five tokens in
+    cancel.cancel("abort")
     worker.join(10)
     result = outcome["result"]
     assert result.finish_reason == "abort"
     assert result.error_code == "aborted"
     assert result.text == "".join(sink.chunks)
-    assert 0 < result.completion_tokens < 500
+    assert 5 <= result.completion_tokens < 500
     follow_up, _ = ask(runtime, "again", max_new_tokens=3)
     assert follow_up.error_code is None
 
