@@ -86,6 +86,12 @@ class RuntimeSupervisor:
     def abi(self) -> str | None:
         return self._model_info.abi if self._model_info else None
 
+    @property
+    def worker_pid(self) -> int | None:
+        """The pid of the current worker process (for diagnostics and measurements)."""
+        handle = self._handle
+        return handle.proc.pid if handle is not None and not handle.dead.is_set() else None
+
     def alive(self) -> bool:
         """The supervising thread is running (it restarts the worker whatever happens to it)."""
         return self._manager is not None and self._manager.is_alive()
