@@ -64,7 +64,7 @@ for _ in $(seq 1 600); do  # up to 60 s: the log's "ready" event, or serve exiti
   kill -0 "$serve_pid" 2>/dev/null || break
   sleep 0.1
 done
-if [ -n "$ready" ] && grep -q '"event": "ready".*"runtime": "ready"' "$work/serve.log"; then
+if [ -n "$ready" ] && grep '"event": "ready"' "$work/serve.log" | grep -q '"runtime": "ready"'; then
   pass "serve is ready with its runtime loaded"
 else
   fail "serve is ready with its runtime loaded" "$(tail -n 15 "$work/serve.log")"
