@@ -10,6 +10,7 @@ from pathlib import Path
 import paho.mqtt.client as mqtt
 import pytest
 
+from rkllm_mqtt import exit_codes
 from rkllm_mqtt.broker import TESTED_AMQTT_VERSIONS, BrokerStartError, EmbeddedBroker, amqtt_version
 
 from .harness import Probe
@@ -67,9 +68,10 @@ def test_serve_exits_non_zero_when_the_embedded_port_is_taken() -> None:
             timeout=30,
             env=env,
         )
-    assert result.returncode != 0
+    assert result.returncode == exit_codes.EMBEDDED_BROKER_FAILED
     assert "already in use" in result.stderr
     assert "embedded_defaults" in result.stderr, "the log must say loudly that it runs on the embedded defaults"
+    assert "homeassistant_discovery_off" in result.stderr, "the log must say why discovery is off"
 
 
 # -- the corrections of amqtt (rkllm_mqtt.broker._mosquitto_like_broker), checked with Mosquitto's own clients --
