@@ -683,7 +683,7 @@ def check_npu_driver(settings: Settings, paths: SystemPaths = SystemPaths()) -> 
         # Nothing to read a version from: the driver is not loaded (the NPU device check says more).
         hint = f"no rknpu driver is loaded: see the NPU device check; {need}"
     elif os.geteuid() == 0:
-        hint = f"debugfs is not mounted: sudo mount -t debugfs none /sys/kernel/debug, then run doctor again; {need}"
+        hint = f"debugfs is not mounted: mount -t debugfs none /sys/kernel/debug, then run doctor again; {need}"
     else:
         hint = f"run as root: sudo cat /sys/kernel/debug/rknpu/version (debugfs is readable by root only); {need}"
     return CheckResult(name, "WARN", f"driver version unreadable (looked in {looked})", hint)
