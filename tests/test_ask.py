@@ -45,6 +45,13 @@ def test_ask_streams_the_answer_and_exits_zero(amqtt_broker: EmbeddedBroker, dae
     assert result.stdout.startswith("[turn 1] You said: What is an NPU?.")
 
 
+def test_ask_falls_back_to_311_as_the_daemon_does(amqtt_broker: EmbeddedBroker, daemon: Daemon) -> None:
+    # protocol "auto" against amqtt (3.1.1 only), reached as an external broker: MQTT 5 first, then 3.1.1.
+    result = run_ask(amqtt_broker.port, daemon.node, "auto?", protocol="auto")
+    assert result.returncode == 0, result.stderr
+    assert "You said: auto?." in result.stdout
+
+
 def test_ask_json_prints_the_final_response(amqtt_broker: EmbeddedBroker, daemon: Daemon) -> None:
     result = run_ask(amqtt_broker.port, daemon.node, "--json", "--max-new-tokens", "3", "Hi")
     assert result.returncode == 0, result.stderr
