@@ -17,6 +17,7 @@ import sys
 import types
 import typing
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -342,12 +343,12 @@ def _secret_keys() -> set[tuple[str, str]]:
     }
 
 
+@dataclass(frozen=True)
 class EnvOverrides:
     """The ``RKLLM_MQTT_<SECTION>__<KEY>`` variables of an environment, as settings data."""
 
-    def __init__(self, data: dict[str, dict[str, Any]], origins: dict[tuple[str, str], str]) -> None:
-        self.data = data
-        self.origins = origins
+    data: dict[str, dict[str, Any]]
+    origins: dict[tuple[str, str], str]  # (section, key) -> the variable that set it
 
 
 def env_overrides(environ: Mapping[str, str]) -> EnvOverrides:
@@ -398,7 +399,7 @@ def _merge(file_data: dict[str, Any], env: EnvOverrides) -> dict[str, Any]:
     return merged
 
 
-def _describe(error: Any, file_data: dict[str, Any], path: Path | None, env: EnvOverrides) -> str:
+def _describe(error: Any, path: Path | None, env: EnvOverrides) -> str:
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc) or "(top level)"
     section = loc[0] if loc else ""
@@ -449,7 +450,7 @@ def load_settings(
     try:
         settings = Settings(**_merge(file_data, env))
     except ValidationError as exc:
-        problems = "; ".join(_describe(err, file_data, file_path, env) for err in exc.errors())
+        problems = "; ".join(_describe(err, file_path, env) for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from exc
     settings._source_file = file_path
     settings.mqtt.resolved_password()  # ConfigError naming the file and the reason
