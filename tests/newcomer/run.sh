@@ -64,7 +64,9 @@ for _ in $(seq 1 600); do  # up to 60 s: the log's "ready" event, or serve exiti
   kill -0 "$serve_pid" 2>/dev/null || break
   sleep 0.1
 done
+serve_runtime=no
 if [ -n "$ready" ] && grep '"event": "ready"' "$work/serve.log" | grep -q '"runtime": "ready"'; then
+  serve_runtime=yes
   pass "serve is ready with its runtime loaded"
 else
   fail "serve is ready with its runtime loaded" "$(tail -n 15 "$work/serve.log")"
@@ -141,10 +143,13 @@ fi
 
 note "rkllm-mqtt doctor, in the clone's directory, while serve runs"
 rkllm-mqtt doctor >"$work/doctor.out" 2>&1; rc=$?
-if grep -q '^PASS  runtime library: sim' "$work/doctor.out"; then
-  pass "doctor agrees with serve: the simulated runtime library loads"
+doctor_runtime=no
+grep -q '^PASS  runtime library: sim' "$work/doctor.out" && doctor_runtime=yes
+if [ "$doctor_runtime" = yes ] && [ "$serve_runtime" = yes ]; then
+  pass "doctor and serve agree: the simulated runtime library loads"
 else
-  fail "doctor agrees with serve: the simulated runtime library loads" "$(cat "$work/doctor.out")"
+  fail "doctor and serve agree: the simulated runtime library loads" \
+    "serve's runtime ready: $serve_runtime; doctor's runtime library PASS: $doctor_runtime"$'\n'"$(cat "$work/doctor.out")"
 fi
 if grep -q "^PASS  broker: 127.0.0.1:$port is the embedded broker of the rkllm-mqtt serve already running" "$work/doctor.out"; then
   pass "doctor recognises serve's own embedded broker"
