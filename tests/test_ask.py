@@ -89,6 +89,27 @@ def test_ask_says_at_once_that_the_node_is_offline(amqtt_broker: EmbeddedBroker,
     assert f"node '{stopped.node}' is offline ({stopped.root}/availability)" in result.stderr
 
 
+def test_ask_stops_waiting_when_the_node_goes_offline(amqtt_broker: EmbeddedBroker, tmp_path: Path) -> None:
+    probe = Probe(amqtt_broker.port).start()
+    slow = Daemon(tmp_path, amqtt_broker.port, runtime={"model_path": "sim:rate=2,prefill_ms=0,tokens=1000"}).start()
+    try:
+        wait_ready(probe, slow)
+        probe.subscribe(f"{slow.root}/state")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RKLLM_MQTT_")}
+        env["RKLLM_MQTT_MQTT__PROTOCOL"] = "3.1.1"
+        command = [sys.executable, "-m", "rkllm_mqtt", "ask", "--port", str(amqtt_broker.port), "--node", slow.node]
+        asker = subprocess.Popen([*command, "long"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        probe.wait_json(f"{slow.root}/state", lambda s: s.get("status") == "busy")
+        assert slow.proc is not None
+        slow.proc.kill()  # the broker publishes the bridge's Last Will: availability offline
+        _out, err = asker.communicate(timeout=60)
+    finally:
+        slow.stop()
+        probe.stop()
+    assert asker.returncode == exit_codes.NODE_OFFLINE, err
+    assert "went offline before answering" in err
+
+
 def test_ask_timeout_is_the_whole_wait(amqtt_broker: EmbeddedBroker) -> None:
     # A node that says online but never answers: --timeout bounds the wait, and the message says so.
     node = "silent-node"
