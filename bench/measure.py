@@ -273,6 +273,37 @@ def cpu_at_rate(env: Env, daemon: Daemon, requests: int, tokens: int, rate: floa
     }
 
 
+def first_chunk(env: Env, daemon: Daemon, pairs: int, tokens: int, idle_s: float = 1.0) -> dict[str, Any]:
+    """Publish to first stream chunk of a request on an idle bridge (published ``idle_s`` after the previous
+    final response) and of one published the moment the previous request's final response arrived."""
+    idle_ms: list[float] = []
+    follow_ms: list[float] = []
+
+    def first_of(rid: str) -> tuple[float, Msg]:
+        sent = time.monotonic_ns()
+        final_topic = _request(env, daemon, rid, prompt="first chunk", max_new_tokens=tokens)
+        first = env.sub.wait_for(f"{final_topic}/stream", timeout=60)
+        final = env.sub.wait_for(final_topic, timeout=tokens * 2 + 60)
+        env.sub.forget(final_topic)
+        return (first.at_ns - sent) / 1e6, final
+
+    tag = uuid.uuid4().hex[:6]
+    for i in range(pairs):
+        time.sleep(idle_s)
+        latency, _ = first_of(f"idle-{tag}-{i}")
+        idle_ms.append(latency)
+        latency, _ = first_of(f"next-{tag}-{i}")  # published as soon as the previous final arrived
+        follow_ms.append(latency)
+    return {
+        "pairs": pairs,
+        "tokens": tokens,
+        "idle_ms": summary(idle_ms),
+        "following_ms": summary(follow_ms),
+        "all_idle_ms": [round(v, 3) for v in idle_ms],
+        "all_following_ms": [round(v, 3) for v in follow_ms],
+    }
+
+
 def idle(env: Env, daemon: Daemon, seconds: float, settle_s: float = 1.0) -> dict[str, Any]:
     """CPU and wake-ups of the connected, idle daemon (parent + worker) over a quiet stretch."""
     time.sleep(settle_s)
