@@ -20,7 +20,7 @@ from typing import Any
 from bench.mqttc import Client, Msg, json_field
 from bench.procs import Daemon
 from bench.stats import summary
-from bench.sysinfo import context_switches, cpu_delta, memory, sample_cpu, thread_switches
+from bench.sysinfo import context_switches, cpu_delta, memory, sample_cpu, thread_cpu_ns, thread_switches
 
 READY_TIMEOUT_S = 30.0
 
@@ -246,6 +246,7 @@ def cpu_at_rate(env: Env, daemon: Daemon, requests: int, tokens: int, rate: floa
     """The daemon's CPU per token while a realistic stream runs (requests back to back)."""
     worker = daemon.worker_pid()
     switches_before = {pid: context_switches(pid)["voluntary"] for pid in (daemon.pid, worker)}
+    threads_before = {pid: (thread_cpu_ns(pid), thread_switches(pid)) for pid in (daemon.pid, worker)}
     before = sample_cpu([daemon.pid, worker])
     delivered = 0
     for i in range(requests):
@@ -255,7 +256,22 @@ def cpu_at_rate(env: Env, daemon: Daemon, requests: int, tokens: int, rate: floa
         delivered += int(final["usage"]["completion_tokens"])
     after = sample_cpu([daemon.pid, worker])
     switches = {pid: context_switches(pid)["voluntary"] - switches_before[pid] for pid in (daemon.pid, worker)}
+    threads_after = {pid: (thread_cpu_ns(pid), thread_switches(pid)) for pid in (daemon.pid, worker)}
     cpu = cpu_delta(before, after)
+
+    def by_thread(pid: int) -> list[dict[str, float]]:
+        """Per thread (by id; attach py-spy dump to name them): CPU and wake-ups per token, busiest first."""
+        (cpu0, sw0), (cpu1, sw1) = threads_before[pid], threads_after[pid]
+        rows = [
+            {
+                "tid": tid,
+                "cpu_us_per_token": round((ns - cpu0.get(tid, 0)) / max(delivered, 1) / 1000, 1),
+                "wakeups_per_token": round((sw1.get(tid, 0) - sw0.get(tid, 0)) / max(delivered, 1), 2),
+            }
+            for tid, ns in cpu1.items()
+        ]
+        return sorted((r for r in rows if r["cpu_us_per_token"] > 0), key=lambda r: -r["cpu_us_per_token"])
+
     return {
         "requests": requests,
         "tokens": delivered,
@@ -270,6 +286,8 @@ def cpu_at_rate(env: Env, daemon: Daemon, requests: int, tokens: int, rate: floa
         # Each voluntary context switch is a thread going to sleep, i.e. one wake-up later.
         "wakeups_per_token_parent": round(switches[daemon.pid] / max(delivered, 1), 2),
         "wakeups_per_token_worker": round(switches[worker] / max(delivered, 1), 2),
+        "threads_parent": by_thread(daemon.pid),
+        "threads_worker": by_thread(worker),
     }
 
 
