@@ -97,6 +97,8 @@ class MqttDoor:
         scheduler: Scheduler,
         runtime: RuntimeView,
         extensions: Sequence[Extension] = (),
+        *,
+        inbox_size: int = INBOX_SIZE,
     ) -> None:
         self.settings = settings
         self.scheduler = scheduler
@@ -113,7 +115,7 @@ class MqttDoor:
         self.cluster = settings.cluster.enabled
         self.peers = PeerTable(self.topics)
         self.publisher: Publisher | None = None
-        self.dispatcher: Dispatcher[InboxItem] = Dispatcher(self._handle, capacity=INBOX_SIZE)
+        self.dispatcher: Dispatcher[InboxItem] = Dispatcher(self._handle, capacity=inbox_size)
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
         self._last_final: FinalResponse | None = None
@@ -422,7 +424,7 @@ class MqttDoor:
                 self._reject(
                     Rejection(
                         "queue_full",
-                        f"the bridge's inbox holds {INBOX_SIZE} messages: try again later",
+                        f"the bridge's inbox holds {self.dispatcher.capacity} messages: try again later",
                         parsed.id,
                         parsed.reply_topic,
                         parsed.correlation_data,
@@ -437,7 +439,13 @@ class MqttDoor:
         else:
             handled = "dropped"
         if self._overflowed % _OVERFLOW_LOG_EVERY == 1:
-            log.warning("inbox_full", capacity=INBOX_SIZE, topic=topic, handled=handled, overflowed=self._overflowed)
+            log.warning(
+                "inbox_full",
+                capacity=self.dispatcher.capacity,
+                topic=topic,
+                handled=handled,
+                overflowed=self._overflowed,
+            )
 
 
 def _duration(seconds: float) -> str:
