@@ -818,7 +818,7 @@ def check_homeassistant(
         )
     if not ha.enabled:
         return CheckResult(name, "SKIP", "discovery is disabled (homeassistant.enabled = false)")
-    topic = f"{ha.discovery_prefix}/status"
+    topic = ha.status_topic
     if settings.mqtt.host is None:
         return CheckResult(
             name,

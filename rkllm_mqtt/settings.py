@@ -199,6 +199,10 @@ class HomeAssistantSettings(_Section):
         "(Home Assistant cannot reach 127.0.0.1).",
     )
     discovery_prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix.")
+    status_topic: str = Field(
+        "homeassistant/status",
+        description="Where Home Assistant publishes its birth message ('online'); discovery is re-announced then.",
+    )
     device_name: str | None = Field(None, description="Device name in Home Assistant. Unset: 'RKLLM <node_id>'.")
 
 
