@@ -21,7 +21,15 @@ import structlog
 from rkllm_mqtt import __version__
 from rkllm_mqtt.bridge.cluster import PeerTable
 from rkllm_mqtt.bridge.publisher import Publisher, Publishing
-from rkllm_mqtt.bridge.requests import Rejection, Request, RequestRules, parse_request
+from rkllm_mqtt.bridge.requests import (
+    Rejection,
+    Request,
+    RequestRules,
+    parse_abort,
+    parse_clear,
+    parse_request,
+    reply_topic_problem,
+)
 from rkllm_mqtt.bridge.streaming import ChunkStreamer
 from rkllm_mqtt.bridge.transport import IncomingMessage
 from rkllm_mqtt.errors import ErrorCode, RequestError
@@ -101,6 +109,9 @@ class Bridge:
             request_timeout_s=settings.limits.request_timeout_s,
             reply_prefixes=tuple(settings.reply_prefixes()),
             forbidden_roots=(settings.homeassistant.discovery_prefix, self.topics.root),
+            max_system_bytes=settings.limits.max_system_bytes,
+            max_reply_topic_bytes=settings.limits.max_reply_topic_bytes,
+            max_new_tokens=settings.runtime.max_new_tokens,
         )
         self.publisher: Publisher | None = None
         self.peers = PeerTable(self.topics)
@@ -285,10 +296,18 @@ class Bridge:
                 self._admit(parsed)
         elif topic == self.topics.abort:
             if not message.retain:
-                self._abort(message.payload.decode("utf-8", errors="replace").strip() or None)
+                target = parse_abort(message.payload)
+                if isinstance(target, Rejection):
+                    self._reject(target)
+                else:
+                    self._abort(target)
         elif topic == self.topics.clear:
             if not message.retain:
-                self._clear(message.payload.decode("utf-8", errors="replace").strip() or None)
+                session = parse_clear(message.payload)
+                if isinstance(session, Rejection):
+                    self._reject(session)
+                else:
+                    self._clear(session)
         elif topic == ha.ha_status_topic(self.settings):
             if ha.is_ha_online(message.payload) and self.settings.homeassistant.enabled:
                 # Spread the re-announce: many devices answer the same birth message at once.
@@ -309,6 +328,8 @@ class Bridge:
             busy = self._current is not None or bool(self._queue) or self.supervisor.status != "ready"
         if not busy or message.retain:
             return False
+        if message.response_topic is not None and reply_topic_problem(message.response_topic, self.rules) is not None:
+            return False  # answered here with forbidden_topic; forwarding the property could cost the connection
         peer = self.peers.pick_idle()
         if peer is None:
             return False  # every node is busy: queue it here (or answer queue_full), nothing is lost
