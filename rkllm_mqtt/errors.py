@@ -22,6 +22,7 @@ ErrorCode = Literal[
     "runtime_error",
     "runtime_crashed",
     "runtime_hung",
+    "response_too_large",
 ]
 
 ERROR_CODES: tuple[ErrorCode, ...] = get_args(ErrorCode)

@@ -28,6 +28,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from rkllm_mqtt.bridge.outgoing import publish_problem
+from rkllm_mqtt.errors import quote_input
 from rkllm_mqtt.settings import MqttSettings
 
 log = structlog.get_logger(__name__)
@@ -106,6 +108,7 @@ class MqttTransport:
         self._stopping = False
         self._unacked = 0  # QoS 1 publishes paho holds until the broker acknowledges them (queued or in flight)
         self._unacked_lock = threading.Lock()
+        self._max_packet_bytes: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK), if any
 
     # -- state --------------------------------------------------------------------------------
 
@@ -237,6 +240,7 @@ class MqttTransport:
             )
             return
         first = not self._ever_connected
+        self._max_packet_bytes = getattr(properties, "MaximumPacketSize", None)
         self._ever_connected = True
         if self.protocol == "auto":
             self.protocol = "5"
@@ -313,8 +317,23 @@ class MqttTransport:
         if client is None:
             log.error("mqtt_publish_before_start", topic=topic)
             return None
+        # The last gate: a message the broker refuses as malformed would stay in paho's session and close the
+        # connection again after every reconnect. It is dropped here instead, and the caller sees None.
+        v5 = self.protocol == "5"
+        problem = publish_problem(
+            topic,
+            payload,
+            qos=qos,
+            v5=v5,
+            correlation_data=correlation_data,
+            response_topic=response_topic,
+            max_packet_bytes=self._max_packet_bytes,
+        )
+        if problem is not None:
+            log.error("mqtt_publish_refused", topic=quote_input(topic, 200), reason=problem)
+            return None
         properties = None
-        if (correlation_data is not None or response_topic is not None) and self.protocol == "5":
+        if (correlation_data is not None or response_topic is not None) and v5:
             properties = Properties(PacketTypes.PUBLISH)
             if correlation_data is not None:
                 properties.CorrelationData = correlation_data
