@@ -187,7 +187,7 @@ def reply_topic_problem(topic: str, rules: RequestRules) -> str | None:
     for derived in (reply.stream, reply.status):
         problem = topic_name_problem(derived)
         if problem is not None:
-            return f"reply topic {shown} makes {quote_input(derived)}, which {problem}"
+            return f"reply topic {shown}: its {derived[len(topic) :]!r} topic {problem}"
     for root in rules.forbidden_roots:
         if is_under(topic, root):
             return f"reply topic {shown} is under {root!r}, which the bridge never writes to for a request"
