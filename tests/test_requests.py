@@ -88,7 +88,7 @@ def assert_publishable(result: Request | Rejection, rules: RequestRules = RULES)
             assert reply_topic_problem(result.reply_topic, rules) is None
         return
     assert is_request_id(result.id)
-    assert result.prompt.strip()
+    assert result.prompt
     for text in (result.prompt, result.system, result.session):
         if text is not None:
             assert "\x00" not in text
