@@ -31,6 +31,7 @@ from rkllm_mqtt.bridge.requests import (
 )
 from rkllm_mqtt.errors import ERROR_CODES
 from rkllm_mqtt.payloads import ErrorEvent, ErrorInfo, FinalResponse, StreamChunk
+from rkllm_mqtt.settings import Settings
 from rkllm_mqtt.topics import MAX_TOPIC_LEVELS, ReplyTopics, Topics, topic_name_problem
 
 TOPICS = Topics("rkllm", "node1")
@@ -571,3 +572,17 @@ def test_the_valid_request_is_accepted_whole() -> None:
     assert result.sampling == {"temperature": 0.7, "top_k": 40, "top_p": 0.9, "repeat_penalty": 1.1}
     assert result.max_new_tokens == 20 and result.timeout_s == 10 and result.session == "kitchen"
     assert_publishable(result, SMALL)
+
+
+def test_rules_come_from_the_settings() -> None:
+    configured = Settings(
+        limits={"max_system_bytes": 100, "max_reply_topic_bytes": 40, "max_prompt_bytes": 300},
+        runtime={"max_new_tokens": 7},
+        mqtt={"node_id": "n1"},
+    )
+    rules = RequestRules.from_settings(configured, Topics("rkllm", "n1").root)
+    assert (rules.max_system_bytes, rules.max_reply_topic_bytes, rules.max_new_tokens) == (100, 40, 7)
+    assert rules.reply_prefixes == ("rkllm/reply",) and "rkllm/n1" in rules.forbidden_roots
+    assert accepted(parse(request(max_new_tokens=100), rules=rules)).max_new_tokens == 7
+    rejected(parse(request(system="s" * 101), rules=rules), "prompt_too_long")
+    rejected(parse(request(response_topic="rkllm/reply/" + "a" * 30), rules=rules), "forbidden_topic")

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from rkllm_mqtt.errors import ErrorCode, quote_input
 from rkllm_mqtt.payloads import ID_PATTERN
+from rkllm_mqtt.settings import Settings
 from rkllm_mqtt.topics import ReplyTopics, is_under, topic_name_problem
 
 # fullmatch, not match: with match, ID_PATTERN's "$" also matches before a trailing newline, and an id "x\n"
@@ -157,6 +158,19 @@ class RequestRules:
     max_reply_topic_bytes: int = 256
     # runtime.max_new_tokens: a request may ask for fewer tokens, never for more. None: no cap here.
     max_new_tokens: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, node_root: str) -> RequestRules:
+        """The rules a front door applies, from the settings; ``node_root`` is the node's own ``{base}/{node}``."""
+        return cls(
+            max_prompt_bytes=settings.limits.max_prompt_bytes,
+            request_timeout_s=settings.limits.request_timeout_s,
+            reply_prefixes=tuple(settings.reply_prefixes()),
+            forbidden_roots=(settings.homeassistant.discovery_prefix, node_root),
+            max_system_bytes=settings.limits.max_system_bytes,
+            max_reply_topic_bytes=settings.limits.max_reply_topic_bytes,
+            max_new_tokens=settings.runtime.max_new_tokens,
+        )
 
     @property
     def max_payload_bytes(self) -> int:

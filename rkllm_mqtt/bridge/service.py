@@ -104,15 +104,7 @@ class Bridge:
         self.settings = settings
         self.supervisor = supervisor
         self.topics = Topics(settings.mqtt.base_topic, settings.mqtt.node_id)
-        self.rules = RequestRules(
-            max_prompt_bytes=settings.limits.max_prompt_bytes,
-            request_timeout_s=settings.limits.request_timeout_s,
-            reply_prefixes=tuple(settings.reply_prefixes()),
-            forbidden_roots=(settings.homeassistant.discovery_prefix, self.topics.root),
-            max_system_bytes=settings.limits.max_system_bytes,
-            max_reply_topic_bytes=settings.limits.max_reply_topic_bytes,
-            max_new_tokens=settings.runtime.max_new_tokens,
-        )
+        self.rules = RequestRules.from_settings(settings, self.topics.root)
         self.publisher: Publisher | None = None
         self.peers = PeerTable(self.topics)
         self._inbox: queue.Queue[InboxItem] = queue.Queue(INBOX_SIZE)
