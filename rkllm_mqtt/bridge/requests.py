@@ -82,7 +82,7 @@ def _surrogate_problem(raw: dict[str, Any]) -> str | None:
         if not _encodable(key):
             return f"a field name {text_problem(key)}"
         if isinstance(value, str) and not _encodable(value):
-            return f"'{key}' {text_problem(value)}"
+            return f"{quote_input(key)} {text_problem(value)}"
     return None
 
 
