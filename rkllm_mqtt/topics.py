@@ -1,4 +1,4 @@
-"""Topic names of the contract (docs/topics.md), in one place, and the rules a topic name must follow."""
+"""Topic names of the contract (docs/topics.md), in one place."""
 
 from __future__ import annotations
 

@@ -87,9 +87,31 @@ def test_packet_above_the_brokers_maximum() -> None:
     assert problem is not None and "maximum packet size" in problem and str(size) in problem
 
 
+class _Claimed(bytes):
+    """A payload that says it is ``size`` bytes long, so MQTT's 256 MiB limit is tested without allocating it."""
+
+    def __new__(cls, size: int) -> _Claimed:
+        claimed = super().__new__(cls, b"")
+        claimed.size = size
+        return claimed
+
+    def __len__(self) -> int:
+        return self.size
+
+
 def test_packet_above_mqtts_own_limit() -> None:
-    problem = publish_problem("t", b"\x00" * MQTT_MAX_REMAINING_LENGTH, qos=1, v5=False)
+    largest = MQTT_MAX_REMAINING_LENGTH - (2 + 1 + 2)  # topic length, topic "t", packet id
+    assert publish_problem("t", _Claimed(largest), qos=1, v5=False) is None
+    problem = publish_problem("t", _Claimed(largest + 1), qos=1, v5=False)
     assert problem is not None and "MQTT's limit" in problem
+
+
+def test_a_remembered_topic_is_checked_like_a_new_one() -> None:
+    for _ in range(2):
+        assert publish_problem("r/\x01", b"x", qos=1, v5=True) is not None
+        assert publish_problem("r/ok", b"x", qos=1, v5=True) is None
+    long_topic = "a" * 70000
+    assert publish_problem(long_topic, b"x", qos=1, v5=True) is not None
 
 
 class _Transport:

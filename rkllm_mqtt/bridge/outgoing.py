@@ -8,12 +8,31 @@ is handed to paho that this module finds a problem with. Pure functions, no I/O.
 
 from __future__ import annotations
 
-from rkllm_mqtt.topics import topic_name_problem
+import functools
 
-# MQTT's Remaining Length is a variable byte integer of at most four bytes.
+from rkllm_mqtt.topics import MQTT_MAX_TOPIC_BYTES, topic_name_problem
+
+# MQTT's Remaining Length is a variable byte integer of at most four bytes; with the first byte, a packet is at most
+# 5 bytes longer.
 MQTT_MAX_REMAINING_LENGTH = 268_435_455
+MQTT_MAX_PACKET_BYTES = 1 + 4 + MQTT_MAX_REMAINING_LENGTH
 # Binary data in an MQTT 5 property (Correlation Data) has a 16-bit length.
 MQTT_MAX_BINARY_BYTES = 65535
+# Everything of a PUBLISH but its payload: fixed header, topic, packet id and the two properties at their largest.
+_MAX_OVERHEAD_BYTES = 5 + 2 + MQTT_MAX_TOPIC_BYTES + 2 + 4 + 3 + MQTT_MAX_BINARY_BYTES + 3 + MQTT_MAX_TOPIC_BYTES
+# Topics up to this length are remembered once checked: a stream publishes to the same topic for every token.
+_REMEMBERED_TOPIC_CHARS = 512
+
+
+@functools.lru_cache(maxsize=1024)
+def _remembered_topic_problem(topic: str) -> str | None:
+    return topic_name_problem(topic)
+
+
+def _topic_problem(topic: str) -> str | None:
+    if len(topic) <= _REMEMBERED_TOPIC_CHARS:
+        return _remembered_topic_problem(topic)
+    return topic_name_problem(topic)
 
 
 def _varint_size(value: int) -> int:
@@ -60,19 +79,21 @@ def publish_problem(
     ``max_packet_bytes`` is the Maximum Packet Size of the broker's MQTT 5 CONNACK, None when it set none.
     ``correlation_data`` and ``response_topic`` count only on MQTT 5, where they are sent as properties.
     """
-    problem = topic_name_problem(topic)
+    problem = _topic_problem(topic)
     if problem is not None:
         return f"topic {problem}"
     if v5 and response_topic is not None:
-        problem = topic_name_problem(response_topic)
+        problem = _topic_problem(response_topic)
         if problem is not None:
             return f"response topic property {problem}"
     if v5 and correlation_data is not None and len(correlation_data) > MQTT_MAX_BINARY_BYTES:
         return f"correlation data is {len(correlation_data)} bytes; MQTT allows {MQTT_MAX_BINARY_BYTES}"
+    if max_packet_bytes is None and len(payload) <= MQTT_MAX_REMAINING_LENGTH - _MAX_OVERHEAD_BYTES:
+        return None  # no broker limit, and far below MQTT's: nothing to count
     size = publish_packet_size(
         topic, payload, qos=qos, v5=v5, correlation_data=correlation_data, response_topic=response_topic
     )
-    limit = MQTT_MAX_REMAINING_LENGTH if max_packet_bytes is None else max_packet_bytes
+    limit = MQTT_MAX_PACKET_BYTES if max_packet_bytes is None else max_packet_bytes
     if size > limit:
         whose = "MQTT's limit" if max_packet_bytes is None else "the broker's maximum packet size"
         return f"the packet is {size} bytes; {whose} is {limit}"

@@ -102,13 +102,13 @@ class MqttTransport:
         self._client: mqtt.Client | None = None
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._max_packet_bytes: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK), if any
         self._ever_connected = False
         self._socket_opened = False
         self._fallback_timer: threading.Timer | None = None
         self._stopping = False
         self._unacked = 0  # QoS 1 publishes paho holds until the broker acknowledges them (queued or in flight)
         self._unacked_lock = threading.Lock()
-        self._max_packet_bytes: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK), if any
 
     # -- state --------------------------------------------------------------------------------
 
@@ -319,12 +319,11 @@ class MqttTransport:
             return None
         # The last gate: a message the broker refuses as malformed would stay in paho's session and close the
         # connection again after every reconnect. It is dropped here instead, and the caller sees None.
-        v5 = self.protocol == "5"
         problem = publish_problem(
             topic,
             payload,
             qos=qos,
-            v5=v5,
+            v5=self.protocol == "5",
             correlation_data=correlation_data,
             response_topic=response_topic,
             max_packet_bytes=self._max_packet_bytes,
@@ -333,7 +332,7 @@ class MqttTransport:
             log.error("mqtt_publish_refused", topic=quote_input(topic, 200), reason=problem)
             return None
         properties = None
-        if (correlation_data is not None or response_topic is not None) and v5:
+        if (correlation_data is not None or response_topic is not None) and self.protocol == "5":
             properties = Properties(PacketTypes.PUBLISH)
             if correlation_data is not None:
                 properties.CorrelationData = correlation_data
