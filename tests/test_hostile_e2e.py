@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import struct
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -152,6 +154,62 @@ def test_final_larger_than_the_brokers_maximum_packet(tmp_path: Path, stack: lis
     assert refused and all("maximum packet size" in e["reason"] for e in refused)
     # The small request after it still fits and is answered: nothing oversize was left in paho's session.
     assert_stayed_connected(daemon, probe, broker.port)
+
+
+@pytest.mark.parametrize(
+    ("topic", "payload"),
+    [
+        ("abort", b"\xff\xfe"),
+        ("abort", b"id\x00"),
+        ("abort", b"x" * 100_000),
+        ("abort", b"a/+/#"),
+        ("clear", b"\xff\xfe"),
+        ("clear", b"session\x00"),
+        ("clear", b"s" * 129),
+    ],
+    ids=["abort-utf8", "abort-nul", "abort-big", "abort-not-an-id", "clear-utf8", "clear-nul", "clear-long"],
+)
+def test_hostile_abort_and_clear_payloads(tmp_path: Path, stack: list[Any], topic: str, payload: bytes) -> None:
+    daemon, probe = start(stack, tmp_path, Mosquitto(tmp_path))
+    probe.publish(f"{daemon.root}/{topic}", payload)
+    error = probe.wait_json(f"{daemon.root}/error", lambda e: e["message"].startswith(f"{topic}:"))
+    assert error["code"] in ("invalid_utf8", "invalid_request") and len(error["message"]) < 300
+    assert_stayed_connected(daemon, probe, broker_port(stack))
+
+
+def _raw_publish_with_surrogate_response_topic(port: int, topic: str) -> bytes:
+    """An MQTT 5 PUBLISH whose Response Topic property is a UTF-8-encoded lone surrogate (ED A0 80).
+
+    paho refuses to encode such a string, so the packet is built by hand. Returns what the broker sent back
+    before closing the connection (b"" when it closed it at once)."""
+
+    def string(data: bytes) -> bytes:
+        return struct.pack("!H", len(data)) + data
+
+    def packet(first: int, body: bytes) -> bytes:
+        assert len(body) < 128  # one-byte remaining length
+        return bytes([first, len(body)]) + body
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        connect = string(b"MQTT") + bytes([5, 0x02]) + struct.pack("!H", 30) + b"\x00" + string(b"hostile-raw")
+        sock.sendall(packet(0x10, connect))
+        assert sock.recv(64)[:1] == b"\x20"  # CONNACK
+        properties = b"\x08" + string(b"rkllm/reply/\xed\xa0\x80")
+        body = string(topic.encode()) + struct.pack("!H", 1) + bytes([len(properties)]) + properties + b"hi"
+        sock.sendall(packet(0x32, body))
+        return sock.recv(64)
+
+
+def test_lone_surrogate_in_the_response_topic_property_never_reaches_the_bridge(
+    tmp_path: Path, stack: list[Any]
+) -> None:
+    daemon, probe = start(stack, tmp_path, Mosquitto(tmp_path))
+    # Mosquitto checks the property's UTF-8 itself and closes the sender's connection without a PUBACK; the
+    # bridge's own check of the property (tests/test_requests.py) is for brokers that let it through.
+    answer = _raw_publish_with_surrogate_response_topic(broker_port(stack), f"{daemon.root}/prompt")
+    assert not answer.startswith(b"\x40")  # no PUBACK: the message was refused, not delivered
+    assert_stayed_connected(daemon, probe, broker_port(stack))
+    assert not [m for m in probe.on(f"{daemon.root}/error")]
 
 
 def broker_port(stack: list[Any]) -> int:
