@@ -122,10 +122,11 @@ def test_reply_topic_property_of_64_kib(tmp_path: Path, stack: list[Any]) -> Non
         '{"id": "digits", "prompt": "x", "max_new_tokens": ' + "9" * 5000 + "}",
         '{"id": "nul", "prompt": "a\\u0000b"}',
         '{"id": "big", "prompt": "x", "top_k": 10000000000}',
+        '{"id": "tokens", "prompt": "x", "max_new_tokens": 10000000000}',
         '{"id": "inf", "prompt": "x", "temperature": Infinity}',
         '{"id": "sur", "prompt": "x", "system": "\\udc00"}',
     ],
-    ids=["deep", "digits", "nul", "int32", "infinity", "surrogate"],
+    ids=["deep", "digits", "nul", "int32", "int32-tokens", "infinity", "surrogate"],
 )
 def test_every_hostile_payload_gets_a_coded_answer(tmp_path: Path, stack: list[Any], payload: str) -> None:
     daemon, probe = start(stack, tmp_path, Mosquitto(tmp_path))
@@ -210,6 +211,25 @@ def test_lone_surrogate_in_the_response_topic_property_never_reaches_the_bridge(
     assert not answer.startswith(b"\x40")  # no PUBACK: the message was refused, not delivered
     assert_stayed_connected(daemon, probe, broker_port(stack))
     assert not [m for m in probe.on(f"{daemon.root}/error")]
+
+
+def test_no_request_can_raise_a_limit(tmp_path: Path, stack: list[Any]) -> None:
+    daemon, probe = start(
+        stack,
+        tmp_path,
+        Mosquitto(tmp_path),
+        runtime={"model_path": "sim:rate=0,prefill_ms=0,tokens=40", "library": "sim", "max_new_tokens": 5},
+        limits={"max_system_bytes": 64},
+    )
+    for request_id, asked in (("more", 100), ("far-more", 1_000_000_000)):
+        body = {"id": request_id, "prompt": "count", "max_new_tokens": asked}
+        mosquitto_pub(broker_port(stack), f"{daemon.root}/prompt", json.dumps(body))
+        final = probe.wait_json(f"{daemon.root}/response/{request_id}", lambda r: True)
+        assert final["usage"]["completion_tokens"] == 5 and final["finish_reason"] == "length", final
+    body = {"id": "long-system", "prompt": "hi", "system": "s" * 65}
+    mosquitto_pub(broker_port(stack), f"{daemon.root}/prompt", json.dumps(body))
+    final = probe.wait_json(f"{daemon.root}/response/long-system", lambda r: True)
+    assert final["error"]["code"] == "prompt_too_long" and "limits.max_system_bytes" in final["error"]["message"]
 
 
 def broker_port(stack: list[Any]) -> int:
