@@ -106,12 +106,17 @@ def test_reply_topic_the_broker_refuses_never_cuts_the_bridge_off(
     assert not [m for m in probe.messages if m.topic.startswith("rkllm/reply/")]
 
 
-def test_reply_topic_property_of_64_kib(tmp_path: Path, stack: list[Any]) -> None:
+def test_reply_topic_of_64_kib_by_field_and_by_property(tmp_path: Path, stack: list[Any]) -> None:
     daemon, probe = start(stack, tmp_path, Mosquitto(tmp_path))
     topic = "rkllm/reply/" + "a" * (65528 - len("rkllm/reply/"))
+    field = {"id": "long-field", "prompt": "hi", "response_topic": topic}
+    mosquitto_pub(broker_port(stack), f"{daemon.root}/prompt", json.dumps(field))
     probe.publish(f"{daemon.root}/prompt", json.dumps({"id": "long-property", "prompt": "hi"}), response_topic=topic)
-    error = probe.wait_json(f"{daemon.root}/error", lambda e: e.get("id") == "long-property")
-    assert error["code"] == "forbidden_topic" and "max_reply_topic_bytes" in error["message"]
+    for request_id in ("long-field", "long-property"):
+        error = probe.wait_json(f"{daemon.root}/error", lambda e, rid=request_id: e.get("id") == rid)
+        assert error["code"] == "forbidden_topic" and "max_reply_topic_bytes" in error["message"]
+        final = probe.wait_json(f"{daemon.root}/response/{request_id}", lambda r: True)
+        assert final["error"]["code"] == "forbidden_topic"
     assert_stayed_connected(daemon, probe, broker_port(stack))
 
 
