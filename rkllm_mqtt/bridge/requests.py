@@ -78,12 +78,20 @@ def _surrogate_problem(raw: dict[str, Any]) -> str | None:
     Such a string cannot be encoded as UTF-8: not for the runtime, not for a reply. Checked before the model so
     the client hears which field and where.
     """
-    for key, value in raw.items():
-        if not _encodable(key):
-            return f"a field name {text_problem(key)}"
+    for key, value in raw.items():  # the keys are RequestBody's own: unknown ones were refused before
         if isinstance(value, str) and not _encodable(value):
             return f"{quote_input(key)} {text_problem(value)}"
     return None
+
+
+def _unknown_fields_problem(raw: dict[str, Any]) -> str | None:
+    """The fields RequestBody does not know, named before the model sees them: a set difference, however many."""
+    unknown = [key for key in raw if key not in RequestBody.model_fields]
+    if not unknown:
+        return None
+    named = "; ".join(f"unknown field {quote_input(key)}" for key in unknown[:MAX_LISTED_PROBLEMS])
+    more = len(unknown) - MAX_LISTED_PROBLEMS
+    return named + (f"; and {more} more" if more > 0 else "")
 
 
 def _encodable(value: str) -> bool:
@@ -319,7 +327,7 @@ def parse_request(
             problem = reply_topic_problem(reply, rules)
             if problem is not None:
                 return Rejection("forbidden_topic", problem, known_id, None, correlation_data)
-        problem = _surrogate_problem(raw)
+        problem = _unknown_fields_problem(raw) or _surrogate_problem(raw)
         if problem is not None:
             return Rejection("invalid_request", problem, known_id, reply, correlation_data)
         try:
