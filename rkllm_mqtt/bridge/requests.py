@@ -306,7 +306,7 @@ def parse_request(
         except json.JSONDecodeError as exc:
             return Rejection(
                 "invalid_json",
-                f"payload is not valid JSON: {exc.msg} at position {exc.pos}",
+                f"payload is not valid JSON: {exc.msg} (character {exc.pos})",
                 None,
                 None,
                 correlation_data,
