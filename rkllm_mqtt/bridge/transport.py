@@ -109,6 +109,7 @@ class MqttTransport:
         self._stopping = False
         self._unacked = 0  # QoS 1 publishes paho holds until the broker acknowledges them (queued or in flight)
         self._unacked_lock = threading.Lock()
+        self._last_properties: tuple[tuple[bytes | None, str | None], Properties] | None = None
 
     # -- state --------------------------------------------------------------------------------
 
@@ -119,9 +120,6 @@ class MqttTransport:
     @property
     def is_v5(self) -> bool:
         return self.protocol in ("5", "auto")
-
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -281,6 +279,7 @@ class MqttTransport:
     ) -> None:
         with self._unacked_lock:
             self._unacked = max(0, self._unacked - 1)
+        _ack_at_once(client.socket())
 
     @property
     def backlog(self) -> int:
@@ -302,6 +301,24 @@ class MqttTransport:
         )
 
     # -- publishing (thread-safe: paho locks internally) ------------------------------------------------
+
+    def _properties(self, correlation_data: bytes | None, response_topic: str | None) -> Properties:
+        """The PUBLISH properties for these values, built once for all the messages of one request.
+
+        Building paho's Properties costs ~20 us; every chunk of a stream carries the same correlation data. The
+        one cached entry is replaced as a whole (one assignment), so concurrent publishers need no lock; paho
+        only reads the object."""
+        key = (correlation_data, response_topic)
+        cached = self._last_properties
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        properties = Properties(PacketTypes.PUBLISH)
+        if correlation_data is not None:
+            properties.CorrelationData = correlation_data
+        if response_topic is not None:
+            properties.ResponseTopic = response_topic
+        self._last_properties = (key, properties)
+        return properties
 
     def publish(
         self,
@@ -333,11 +350,7 @@ class MqttTransport:
             return None
         properties = None
         if (correlation_data is not None or response_topic is not None) and self.protocol == "5":
-            properties = Properties(PacketTypes.PUBLISH)
-            if correlation_data is not None:
-                properties.CorrelationData = correlation_data
-            if response_topic is not None:
-                properties.ResponseTopic = response_topic
+            properties = self._properties(correlation_data, response_topic)
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             with self._unacked_lock:
@@ -345,3 +358,17 @@ class MqttTransport:
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("mqtt_publish_failed", topic=topic, rc=info.rc)
         return info
+
+
+def _ack_at_once(sock: Any) -> None:
+    """Acknowledge the broker's last TCP segment (a PUBACK) now instead of up to 40 ms later.
+
+    Mosquitto keeps Nagle's algorithm on by default (``set_tcp_nodelay false``): while a small segment it sent
+    is unacknowledged, it holds back the next one. The kernel delays the ACK of a PUBACK (nothing is sent back
+    to carry it), so a request arriving right after the bridge published a final response waited for that
+    delayed ACK: 40-48 ms to its first chunk instead of 3-6 ms (docs/performance.md). Linux only.
+    """
+    if sock is None or not hasattr(socket, "TCP_QUICKACK"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
