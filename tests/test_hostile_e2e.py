@@ -171,28 +171,6 @@ def test_final_larger_than_the_brokers_maximum_packet(tmp_path: Path, stack: lis
     assert_stayed_connected(daemon, probe, broker.port)
 
 
-HOSTILE_CONTROLS = [
-    ("abort", b"\xff\xfe"),
-    ("abort", b"id\x00"),
-    ("abort", b"x" * 100_000),
-    ("abort", b"a/+/#"),
-    ("clear", b"\xff\xfe"),
-    ("clear", b"session\x00"),
-    ("clear", b"s" * 129),
-]
-
-
-def test_hostile_abort_and_clear_payloads(tmp_path: Path, stack: list[Any]) -> None:
-    daemon, probe = start(stack, tmp_path, Mosquitto(tmp_path))
-    for topic, payload in HOSTILE_CONTROLS:
-        probe.publish(f"{daemon.root}/{topic}", payload)
-    errors = probe.wait_for(lambda msgs: sum(m.topic == f"{daemon.root}/error" for m in msgs) >= len(HOSTILE_CONTROLS))
-    answers = [json.loads(m.payload) for m in errors if m.topic == f"{daemon.root}/error"]
-    assert sorted(a["message"].split(":")[0] for a in answers) == sorted(topic for topic, _ in HOSTILE_CONTROLS)
-    assert all(a["code"] in ("invalid_utf8", "invalid_request") and len(a["message"]) < 300 for a in answers)
-    assert_stayed_connected(daemon, probe, broker_port(stack))
-
-
 def _raw_publish_with_surrogate_response_topic(port: int, topic: str) -> bytes:
     """An MQTT 5 PUBLISH whose Response Topic property is a UTF-8-encoded lone surrogate (ED A0 80).
 
