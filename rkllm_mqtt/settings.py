@@ -175,6 +175,10 @@ class RuntimeSettings(_Section):
 
 class LimitsSettings(_Section):
     max_prompt_bytes: int = Field(16384, ge=1, description="Largest prompt in UTF-8 bytes.")
+    max_system_bytes: int = Field(16384, ge=1, description="Largest system prompt a request may send, in UTF-8 bytes.")
+    max_reply_topic_bytes: int = Field(
+        256, ge=1, le=65535, description="Longest reply topic a request may name, in UTF-8 bytes."
+    )
     queue_size: int = Field(8, ge=0, description="Requests that may wait behind the running one.")
     request_timeout_s: float = Field(300.0, gt=0, description="Longest a request may run; timeout_s may lower it.")
     hang_grace_s: float = Field(

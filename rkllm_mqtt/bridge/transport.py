@@ -26,6 +26,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from rkllm_mqtt.bridge.outgoing import publish_problem
+from rkllm_mqtt.errors import quote_input
 from rkllm_mqtt.mqtt_client import build_client
 from rkllm_mqtt.settings import MqttSettings
 
@@ -99,6 +101,7 @@ class MqttTransport:
         self._client: mqtt.Client | None = None
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._max_packet_bytes: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK), if any
         self._ever_connected = False
         self._socket_opened = False
         self._fallback_timer: threading.Timer | None = None
@@ -224,6 +227,7 @@ class MqttTransport:
             )
             return
         first = not self._ever_connected
+        self._max_packet_bytes = getattr(properties, "MaximumPacketSize", None)
         self._ever_connected = True
         if self.protocol == "auto":
             self.protocol = "5"
@@ -318,6 +322,20 @@ class MqttTransport:
         client = self._client
         if client is None:
             log.error("mqtt_publish_before_start", topic=topic)
+            return None
+        # The last gate: a message the broker refuses as malformed would stay in paho's session and close the
+        # connection again after every reconnect. It is dropped here instead, and the caller sees None.
+        problem = publish_problem(
+            topic,
+            payload,
+            qos=qos,
+            v5=self.protocol == "5",
+            correlation_data=correlation_data,
+            response_topic=response_topic,
+            max_packet_bytes=self._max_packet_bytes,
+        )
+        if problem is not None:
+            log.error("mqtt_publish_refused", topic=quote_input(topic, 200), reason=problem)
             return None
         properties = None
         if (correlation_data is not None or response_topic is not None) and self.protocol == "5":
