@@ -1,4 +1,4 @@
-"""The bridge's topic rules checked against a real Mosquitto, topic by topic.
+"""The bridge's topic and packet-size rules checked against a real Mosquitto, topic by topic.
 
 Every topic ``topic_name_problem`` lets through must be one Mosquitto takes in a PUBLISH: one it refuses would close
 the bridge's connection, and paho would send it again after every reconnect. The other way round the rules may be
@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rkllm_mqtt.bridge.outgoing import publish_packet_size, publish_problem
 from rkllm_mqtt.topics import MAX_TOPIC_LEVELS, topic_name_problem
 
 from .harness import Mosquitto, mosquitto_binary
@@ -53,7 +54,7 @@ def _read_packet_type(sock: socket.socket) -> int | None:
     return head[0] & 0xF0 if head else None
 
 
-def mosquitto_takes(port: int, topic: str) -> bool:
+def mosquitto_takes(port: int, topic: str, payload: bytes = b"x") -> bool:
     """True when Mosquitto acknowledges a QoS 1 PUBLISH to ``topic`` rather than closing the connection."""
     encoded = topic.encode("utf-8", errors="surrogatepass")  # a lone surrogate goes out as the bytes ED A0 80
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -61,7 +62,7 @@ def mosquitto_takes(port: int, topic: str) -> bool:
         sock.sendall(_packet(0x10, connect))
         assert _read_packet_type(sock) == 0x20, "no CONNACK"
         sock.recv(64)  # the rest of the CONNACK
-        publish = _string(encoded) + struct.pack("!H", 1) + _varint(0) + b"x"
+        publish = _string(encoded) + struct.pack("!H", 1) + _varint(0) + payload
         sock.sendall(_packet(0x32, publish))
         return _read_packet_type(sock) == PUBACK
 
@@ -104,3 +105,27 @@ def test_the_level_limit_is_within_mosquittos(broker: Mosquitto) -> None:
 def test_the_longest_topic_the_rules_allow_is_taken(broker: Mosquitto) -> None:
     longest = "a" * 65535
     assert topic_name_problem(longest) is None and mosquitto_takes(broker.port, longest)
+
+
+class _LimitedMosquitto(Mosquitto):
+    def _auth_lines(self) -> str:
+        return super()._auth_lines() + "max_packet_size 1000\n"
+
+
+def test_a_packet_the_rules_allow_is_one_mosquitto_takes(tmp_path: Path) -> None:
+    """The rules count the whole packet, as MQTT 5 defines Maximum Packet Size; Mosquitto 2.0 is a little laxer
+    (it takes up to 2 bytes more), so what the rules allow it takes, and far enough over both refuse."""
+    broker = _LimitedMosquitto(tmp_path)
+    broker.start()
+    try:
+        for size in (999, 1000, 1001, 1010):
+            # The payload that makes a packet of exactly ``size`` bytes (the length field grows with the payload).
+            length = next(n for n in range(size, 0, -1) if publish_packet_size("t/x", b"p" * n, qos=1, v5=True) == size)
+            payload = b"p" * length
+            allowed = publish_problem("t/x", payload, qos=1, v5=True, max_packet_bytes=1000) is None
+            assert allowed is (size <= 1000)
+            takes = mosquitto_takes(broker.port, "t/x", payload)
+            assert takes or not allowed, size
+        assert not takes  # 1010 bytes: Mosquitto closes the connection too
+    finally:
+        broker.stop()
