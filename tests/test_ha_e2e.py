@@ -41,7 +41,7 @@ def test_discovery_is_published_reannounced_and_stale_configs_cleared(
         ).start()
         wait_ready(probe, daemon)
         probe.wait_for(lambda msgs: len([t for t, p in configs(probe, prefix, node).items() if p]) >= ENTITY_COUNT)
-        probe.wait_for(lambda msgs: configs(probe, prefix, node).get(stale) == b"", timeout=15)
+        probe.wait_for(lambda msgs: configs(probe, prefix, node).get(stale) == b"", timeout=120)
         assert not [m for m in probe.on(foreign) if m.payload == b""], "another node's config must be left alone"
         published = {t: json.loads(p) for t, p in configs(probe, prefix, node).items() if p}
         assert len(published) == ENTITY_COUNT
@@ -52,7 +52,7 @@ def test_discovery_is_published_reannounced_and_stale_configs_cleared(
         before = len([m for m in probe.messages if m.topic.startswith(f"{prefix}/text/{node}/")])
         probe.publish(f"{prefix}/status", "online")
         probe.wait_for(
-            lambda msgs: len([m for m in msgs if m.topic.startswith(f"{prefix}/text/{node}/")]) > before, timeout=15
+            lambda msgs: len([m for m in msgs if m.topic.startswith(f"{prefix}/text/{node}/")]) > before, timeout=120
         )
         probe.subscribe(f"rkllm/{node}/event")
         probe.publish(f"rkllm/{node}/prompt", "Hello from the text entity")
@@ -80,7 +80,7 @@ def test_disabled_discovery_removes_the_device(amqtt_broker: EmbeddedBroker, tmp
         probe.wait_for(lambda msgs: len([p for p in configs(probe, prefix, node).values() if p]) >= ENTITY_COUNT)
         first.stop()
         second.start()
-        probe.wait_for(lambda msgs: all(p == b"" for p in configs(probe, prefix, node).values()), timeout=20)
+        probe.wait_for(lambda msgs: all(p == b"" for p in configs(probe, prefix, node).values()), timeout=120)
         assert len(configs(probe, prefix, node)) == ENTITY_COUNT
     finally:
         first.stop()
