@@ -32,11 +32,6 @@ def test_peer_table_picks_only_online_idle_peers() -> None:
     assert table.pick_idle(now=100.0) is None
 
 
-def peer_is_idle(state: object) -> bool:
-    """What PeerTable counts as an idle peer."""
-    return isinstance(state, dict) and state.get("status") == "idle" and not state.get("queue_depth")
-
-
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
 def test_busy_node_hands_group_requests_to_an_idle_peer(tmp_path: Path) -> None:
     broker = Mosquitto(tmp_path)
@@ -48,7 +43,7 @@ def test_busy_node_hands_group_requests_to_an_idle_peer(tmp_path: Path) -> None:
     mqtt = {"protocol": "5", "base_topic": base}
     limits = {"response_topic_prefixes": [f"{base}/reply"]}
     idle = Daemon(tmp_path, broker.port, mqtt=mqtt, cluster=cluster, limits=limits)
-    # The hog runs until it is aborted, so the busy node stays busy however slowly the rest of the test goes.
+    # The hog runs until the daemon stops, so the busy node stays busy however slowly the rest of the test goes.
     busy = Daemon(
         tmp_path,
         broker.port,
@@ -57,32 +52,25 @@ def test_busy_node_hands_group_requests_to_an_idle_peer(tmp_path: Path) -> None:
         limits=limits,
         runtime={"model_path": "sim:rate=20,prefill_ms=0,tokens=1000000"},
     )
-    idle_state = f"{base}/{idle.node}/state"
-
-    def idle_states() -> int:
-        return sum(1 for m in probe.on(idle_state) if m.payload and peer_is_idle(m.json()))
-
     try:
         for daemon in (idle, busy):
             daemon.start()
-        probe.subscribe(idle_state)
         for daemon in (idle, busy):
             probe.subscribe(f"{base}/{daemon.node}/health", f"{base}/{daemon.node}/availability")
             probe.wait_json(f"{base}/{daemon.node}/health", lambda h: h.get("runtime") == "ready", timeout=120)
-        probe.wait_for(lambda msgs: any(m.payload == b"online" for m in probe.on(f"{base}/{idle.node}/availability")))
         reply = f"{base}/reply/{unique_topic('client')}"
         probe.subscribe(f"{reply}/#", reply)
         probe.publish(
             f"{base}/{busy.node}/prompt", json.dumps({"id": "hog", "prompt": "long", "response_topic": reply})
         )
         probe.wait_json(f"{reply}/status", lambda s: s["id"] == "hog" and s["status"] == "started", timeout=120)
+        # Barrier: the busy node hears the idle node's state before any group request the probe sends after
+        # seeing it (the broker delivers to it in the order it received them).
+        idle_state = f"{base}/{idle.node}/state"
+        probe.subscribe(idle_state)
+        probe.wait_json(idle_state, lambda s: s["status"] == "idle")
         served = []
         for i in range(4):
-            # The busy node learns of the idle one from the same broker, in the order the broker got the
-            # messages: once the probe has seen the idle node's latest "idle" state, a request published now
-            # reaches the busy node after that state did.
-            probe.wait_for(lambda msgs: idle_states() > 0 and peer_is_idle(probe.on(idle_state)[-1].json()))
-            idle_before = idle_states()
             request_id = f"group-{i}"
             probe.publish(
                 f"{base}/prompt",
@@ -91,8 +79,9 @@ def test_busy_node_hands_group_requests_to_an_idle_peer(tmp_path: Path) -> None:
             final = probe.wait_json(reply, lambda r, rid=request_id: r["id"] == rid, timeout=120)
             assert final["state"] == "done"
             served.append(final["node"])
-            # The idle node says it is idle again only after its final answer; wait for that state.
-            probe.wait_for(lambda msgs, before=idle_before: idle_states() > before, timeout=120)
+            probe.wait_json(
+                idle_state, lambda s, n=i + 1: s["status"] == "idle" and s["requests_total"] == n, timeout=120
+            )
         assert served == [idle.node] * 4
         handed = [e for e in busy.logs() if e.get("event") == "request_handed_off"]
         assert handed and all(e["peer"] == idle.node for e in handed)
