@@ -133,10 +133,12 @@ def abi_choice_hint(library_path: Path | str = "librkllmrt.so") -> str:
     values = ", or ".join(f'"{abi}" for runtime {runtimes}' for abi, runtimes in RUNTIMES_OF_LAYOUT.items())
     return (
         f"Set runtime.abi (section [runtime] of the configuration) to {values}. The runtime's version is the "
-        'airockchip/rknn-llm release the library was taken from (release-v1.2.3 needs "1.2"), and the runtime '
-        "prints it ('rkllm-runtime version: X.Y.Z') while a model loads: with either value set, start the service "
-        "once and read journalctl -u rkllm-mqtt | grep 'rkllm-runtime version' (a wrong guess fails the worker "
-        f"process the runtime runs in, not the bridge). strings -a {library_path} | grep -i version may show it too"
+        'airockchip/rknn-llm release the library was taken from (release-v1.2.3 needs "1.2"). Not sure? Set '
+        "either value and start the service once: the runtime prints 'rkllm-runtime version: X.Y.Z' while the "
+        "model loads (journalctl -u rkllm-mqtt | grep 'rkllm-runtime version'), and if the value is the wrong one "
+        "the bridge stops the runtime there and its health names the value to set; a wrong guess costs at most "
+        f"the worker process the runtime runs in, never the bridge. strings -a {library_path} | grep -i version "
+        "may show the version too"
     )
 
 
