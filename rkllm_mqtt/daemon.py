@@ -11,6 +11,7 @@ from types import FrameType
 import structlog
 
 from rkllm_mqtt import __version__
+from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.bridge.service import Bridge
 from rkllm_mqtt.bridge.transport import MqttTransport, Subscription
 from rkllm_mqtt.broker import BrokerStartError, EmbeddedBroker
@@ -36,6 +37,7 @@ class Daemon:
         self.supervisor: RuntimeSupervisor | None = None
         self.bridge: Bridge | None = None
         self.transport: MqttTransport | None = None
+        self.finals: RetainedFinals | None = None
 
     def _announce_defaults(self) -> None:
         if self.settings.embedded_broker:
@@ -84,7 +86,9 @@ class Daemon:
             # amqtt speaks 3.1.1 only and never answers an MQTT 5 CONNECT with a Will.
             force_protocol="3.1.1" if s.embedded_broker else None,
         )
-        self.bridge.attach(self.transport)
+        self.finals = RetainedFinals(self.transport, s.limits.final_retain_s)
+        self.finals.start()
+        self.bridge.attach(self.transport, self.finals)
         self.bridge.start()
         # The transport first: the supervisor's first status change is then published, not refused.
         self.transport.start()
@@ -133,6 +137,8 @@ class Daemon:
         self.notifier.stopping("stopping: finishing the running request")
         if self.bridge is not None:
             self.bridge.stop(self.settings.limits.shutdown_grace_s)
+        if self.finals is not None:
+            self.finals.stop()  # before the transport: the clears go out ahead of "offline"
         if self.transport is not None:
             self.transport.stop()
         if self.supervisor is not None:

@@ -6,6 +6,7 @@ from typing import Protocol
 
 import structlog
 
+from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.payloads import (
     ErrorEvent,
     FinalResponse,
@@ -46,9 +47,10 @@ class Publishing(Protocol):
 class Publisher:
     # QoS 1 throughout: paho keeps QoS 1 messages while disconnected and sends them after the
     # reconnect, so no chunk, status or final response is lost to a broker restart.
-    def __init__(self, transport: Publishing, topics: Topics) -> None:
+    def __init__(self, transport: Publishing, topics: Topics, finals: RetainedFinals | None = None) -> None:
         self.transport = transport
         self.topics = topics
+        self.finals = finals
 
     def congested(self) -> bool:
         """The broker is behind by MAX_BACKLOG messages: a stream should merge its text rather than queue more."""
@@ -64,6 +66,9 @@ class Publisher:
         self.transport.publish(reply.status, status.to_json(), qos=1, correlation_data=correlation)
 
     def final(self, reply: ReplyTopics, response: FinalResponse, correlation: bytes | None) -> None:
+        if self.finals is not None:  # retained for a while, so a late subscriber still gets it
+            self.finals.publish(reply.final, response.to_json(), correlation)
+            return
         self.transport.publish(reply.final, response.to_json(), qos=1, correlation_data=correlation)
 
     def last(self, response: FinalResponse) -> None:

@@ -22,6 +22,7 @@ from rkllm_mqtt import __version__
 from rkllm_mqtt.bridge.cluster import PeerTable
 from rkllm_mqtt.bridge.publisher import Publisher, Publishing
 from rkllm_mqtt.bridge.requests import Rejection, Request, RequestRules, parse_request
+from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.bridge.streaming import ChunkStreamer
 from rkllm_mqtt.bridge.transport import IncomingMessage
 from rkllm_mqtt.errors import ErrorCode, RequestError
@@ -127,8 +128,8 @@ class Bridge:
 
     # -- wiring ---------------------------------------------------------------------------------
 
-    def attach(self, transport: Publishing) -> None:
-        self.publisher = Publisher(transport, self.topics)
+    def attach(self, transport: Publishing, finals: RetainedFinals | None = None) -> None:
+        self.publisher = Publisher(transport, self.topics, finals)
 
     def subscriptions(self) -> list[str]:
         topics = [self.topics.prompt, self.topics.abort, self.topics.clear]

@@ -114,6 +114,11 @@ class MqttTransport:
         return self._connected.is_set()
 
     @property
+    def expires_messages(self) -> bool:
+        """Connected with MQTT 5, where a publish can carry a Message Expiry Interval."""
+        return self.protocol == "5"
+
+    @property
     def is_v5(self) -> bool:
         return self.protocol in ("5", "auto")
 
@@ -308,18 +313,21 @@ class MqttTransport:
         retain: bool = False,
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
+        expiry_s: int | None = None,
     ) -> mqtt.MQTTMessageInfo | None:
         client = self._client
         if client is None:
             log.error("mqtt_publish_before_start", topic=topic)
             return None
         properties = None
-        if (correlation_data is not None or response_topic is not None) and self.protocol == "5":
+        if (correlation_data is not None or response_topic is not None or expiry_s) and self.protocol == "5":
             properties = Properties(PacketTypes.PUBLISH)
             if correlation_data is not None:
                 properties.CorrelationData = correlation_data
             if response_topic is not None:
                 properties.ResponseTopic = response_topic
+            if expiry_s:
+                properties.MessageExpiryInterval = expiry_s
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             with self._unacked_lock:
