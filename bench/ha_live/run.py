@@ -1,6 +1,7 @@
 """Every YAML example of docs/home-assistant.md, executed in a real Home Assistant.
 
-``python -m bench.ha_live [--hass-venv DIR] [--ha-protocol 3.1.1|5] [--asks 50]`` from the repository root.
+``python -m bench.ha_live [--hass-venv DIR] [--ha-protocol 3.1.1|5] [--asks 50]`` from the repository root;
+``--help`` lists the other options.
 
 Starts a private Mosquitto on a free loopback port, the bridge on the simulated runtime (node ``orangepi5``, the
 node id of the examples, so they run unchanged), and Home Assistant from the package index in its own venv,
@@ -240,8 +241,9 @@ def _ms(seconds: list[float]) -> str:
 
 
 class Driver:
-    def __init__(self, client: Client) -> None:
+    def __init__(self, client: Client, ask_timeout: float) -> None:
         self.client = client
+        self.ask_timeout = ask_timeout
         self.asked = 0
 
     def probe(self, timeout: float = 10.0) -> dict[str, Any]:
@@ -267,14 +269,14 @@ class Driver:
                 raise TimeoutError(f"{what}: not within {timeout:g} s (last seen: {str(seen)[:300]})")
             time.sleep(0.5)
 
-    def ask(self, question: str, timeout: float = ASK_TIMEOUT_S) -> tuple[dict[str, Any] | None, float]:
+    def ask(self, question: str) -> tuple[dict[str, Any] | None, float]:
         """Call the page's ask script (through an automation, with response_variable) and wait for its response."""
         self.asked += 1
         n = f"{self.asked}-{uuid.uuid4().hex[:6]}"
         started = time.monotonic()
         self.send_ask(n, question)
         try:
-            msg = self.client.wait_for(f"harness/answer/{n}", timeout=timeout)
+            msg = self.client.wait_for(f"harness/answer/{n}", timeout=self.ask_timeout)
         except TimeoutError:
             return None, time.monotonic() - started
         answer: dict[str, Any] = msg.json()
@@ -299,7 +301,7 @@ def ask_many(driver: Driver, report: Report, label: str, count: int, expect_text
         question = f"{label} question {i}"
         answer, took = driver.ask(question)
         if answer is None:
-            problems.append(f"#{i}: no response from the script within {ASK_TIMEOUT_S:g} s")
+            problems.append(f"#{i}: no response from the script within {driver.ask_timeout:g} s")
         elif (
             answer.get("state") != "done"
             or not expect_text(str(answer.get("text")))
@@ -360,13 +362,21 @@ def retained_finals(port: int) -> list[Msg]:
 # -- the run ---------------------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Options:
+    asks: int
+    retain_s: int
+    ask_timeout: float
+
+
 def scenarios(
-    workdir: Path, broker: Mosquitto, hass: HomeAssistant, *, found: list[Block], asks: int, report: Report
+    workdir: Path, broker: Mosquitto, hass: HomeAssistant, *, found: list[Block], options: Options, report: Report
 ) -> None:
     client = Client(broker.port, "harness").start()
     client.subscribe("harness/#", f"{ROOT}/response/+", f"{ROOT}/state", "homeassistant/status")
-    driver = Driver(client)
-    limits = {"final_retain_s": RETAIN_S, "max_prompt_bytes": MAX_PROMPT_BYTES, "queue_size": 8}
+    driver = Driver(client, options.ask_timeout)
+    asks = options.asks
+    limits = {"final_retain_s": options.retain_s, "max_prompt_bytes": MAX_PROMPT_BYTES, "queue_size": 8}
     try:
         wait_until(
             lambda: bool(client.messages("homeassistant/status")) or not hass.alive(),
@@ -433,10 +443,12 @@ def scenarios(
         expect_refusal(driver, report, "a question while the bridge is offline", "hello?", "offline")
 
         # -- nothing left behind --
-        time.sleep(RETAIN_S + 1)  # the last MQTT 5 finals expire RETAIN_S after they were published
+        time.sleep(options.retain_s + 1)  # the last MQTT 5 finals expire final_retain_s after they were published
         left = retained_finals(broker.port)
         report.add(
-            f"no final left retained {RETAIN_S + 1} s after the last one", not left, f"{[m.topic for m in left][:5]}"
+            f"no final left retained {options.retain_s + 1} s after the last one",
+            not left,
+            f"{[m.topic for m in left][:5]}",
         )
     finally:
         client.stop()
@@ -542,9 +554,9 @@ def queue_full(driver: Driver, report: Report) -> None:
     client.wait_for(f"{ROOT}/state", state_shows(True, 1), timeout=30, after_ns=after)
     started = time.monotonic()
     driver.send_ask(names[2], "third of three")
-    third = client.wait_for(f"harness/answer/{names[2]}", timeout=ASK_TIMEOUT_S).json()
+    third = client.wait_for(f"harness/answer/{names[2]}", timeout=driver.ask_timeout).json()
     refused_ms = (time.monotonic() - started) * 1000
-    answers = [client.wait_for(f"harness/answer/{n}", timeout=ASK_TIMEOUT_S).json() for n in names[:2]]
+    answers = [client.wait_for(f"harness/answer/{n}", timeout=driver.ask_timeout).json() for n in names[:2]]
     states = [a["state"] + ("/" + a["error"]["code"] if a.get("error") else "") for a in [*answers, third]]
     report.add(
         "three calls with queue_size 1: two answers, the third refused with queue_full",
@@ -562,6 +574,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ha-protocol", choices=("3.1.1", "5"), default="3.1.1", help="Home Assistant's MQTT protocol")
     parser.add_argument("--asks", type=int, default=50, help="calls of the ask script per runtime")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs, configuration)")
+    parser.add_argument(
+        "--final-retain-s",
+        type=int,
+        default=RETAIN_S,
+        help="the bridge's limits.final_retain_s; 0 shows what Home Assistant misses without retained finals",
+    )
+    parser.add_argument("--ask-timeout", type=float, default=ASK_TIMEOUT_S, help="how long one call may take (s)")
     args = parser.parse_args(argv)
 
     found = blocks()
@@ -577,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
             config.write(workdir / "hass")
             hass = stack.enter_context(HomeAssistant(hass_bin, workdir / "hass"))
             try:
-                scenarios(workdir, broker, hass, found=found, asks=args.asks, report=report)
+                options = Options(args.asks, args.final_retain_s, args.ask_timeout)
+                scenarios(workdir, broker, hass, found=found, options=options, report=report)
             except Exception as exc:  # a scenario that could not finish is a failure, with the reason shown
                 report.add("the run finished", False, f"{type(exc).__name__}: {exc}")
             database = workdir / "hass" / "home-assistant_v2.db"
