@@ -1,4 +1,11 @@
-"""``rkllm-mqtt serve``: wires the broker, the runtime supervisor, the bridge and the transport."""
+"""``rkllm-mqtt serve``: wires the broker, the runtime, the scheduler, the front doors and their extensions.
+
+Start order: the runtime supervisor object, the scheduler on it, each front door on the scheduler (the MQTT door
+with its transport and extensions), then the threads: scheduler, doors, transport, and the supervisor last, so
+that its first status change is published. Stop order is the reverse of what depends on what: the scheduler
+first (queued requests answered, the running one given its grace), then the doors, the transport, the runtime.
+A new front door is built in ``start`` beside the MQTT one, on the same scheduler, and stopped in ``stop``.
+"""
 
 from __future__ import annotations
 
@@ -10,11 +17,13 @@ from types import FrameType
 
 import structlog
 
-from rkllm_mqtt import __version__
+from rkllm_mqtt import __version__, exit_codes
+from rkllm_mqtt.bridge.door import MqttDoor
 from rkllm_mqtt.bridge.retained_finals import RetainedFinals
-from rkllm_mqtt.bridge.service import Bridge
 from rkllm_mqtt.bridge.transport import MqttTransport, Subscription
 from rkllm_mqtt.broker import BrokerStartError, EmbeddedBroker
+from rkllm_mqtt.core.scheduler import Scheduler
+from rkllm_mqtt.ha.extension import home_assistant_extension
 from rkllm_mqtt.runtime.supervisor import RuntimeSupervisor
 from rkllm_mqtt.sdnotify import SystemdNotifier
 from rkllm_mqtt.settings import Settings
@@ -22,7 +31,7 @@ from rkllm_mqtt.settings import Settings
 log = structlog.get_logger("rkllm_mqtt.daemon")
 
 EMBEDDED_HOST = "127.0.0.1"
-EXIT_BROKER = 3
+EXIT_BROKER = exit_codes.EMBEDDED_BROKER_FAILED
 STATUS_INTERVAL_S = 30.0
 # Below the unit's TimeoutStartSec (120 s).
 READY_AT_LATEST_S = 90.0
@@ -35,7 +44,8 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.broker: EmbeddedBroker | None = None
         self.supervisor: RuntimeSupervisor | None = None
-        self.bridge: Bridge | None = None
+        self.scheduler: Scheduler | None = None
+        self.door: MqttDoor | None = None
         self.transport: MqttTransport | None = None
         self.finals: RetainedFinals | None = None
 
@@ -47,6 +57,12 @@ class Daemon:
                 runtime=self.settings.runtime.resolved_library(),
                 hint="running on the embedded defaults for a first try; set mqtt.host to use your broker "
                 "(Mosquitto, Home Assistant's add-on) and runtime.model_path for a real model",
+            )
+        if self.settings.discovery_defaulted_off:
+            log.info(
+                "homeassistant_discovery_off",
+                reason="the embedded broker listens on 127.0.0.1 only: Home Assistant cannot reach it",
+                hint="set mqtt.host to the broker Home Assistant uses; homeassistant.enabled = true forces discovery",
             )
         if self.settings.runtime.is_simulated:
             log.warning(
@@ -75,40 +91,44 @@ class Daemon:
             host = EMBEDDED_HOST
         self.notifier.open()
         self.supervisor = RuntimeSupervisor(s, on_change=self._runtime_changed)
-        self.bridge = Bridge(s, self.supervisor)
+        runtime = self.supervisor
+        self.scheduler = Scheduler(runtime, queue_size=s.limits.queue_size, hang_grace_s=s.limits.hang_grace_s)
+        self.door = MqttDoor(s, self.scheduler, runtime, extensions=[home_assistant_extension(s)])
+        self.scheduler.observe(self.door)
         self.transport = MqttTransport(
             s.mqtt,
             host=host,
-            availability_topic=self.bridge.topics.availability,
-            subscriptions=[Subscription(topic) for topic in self.bridge.subscriptions()],
-            on_message=self.bridge.on_message,
-            on_connected=self.bridge.on_connected,
+            availability_topic=self.door.topics.availability,
+            subscriptions=[Subscription(topic) for topic in self.door.subscriptions()],
+            on_message=self.door.on_message,
+            on_connected=self.door.on_connected,
             # amqtt speaks 3.1.1 only and never answers an MQTT 5 CONNECT with a Will.
             force_protocol="3.1.1" if s.embedded_broker else None,
         )
         self.finals = RetainedFinals(self.transport, s.limits.final_retain_s)
         self.finals.start()
-        self.bridge.attach(self.transport, self.finals)
-        self.bridge.start()
+        self.door.attach(self.transport, self.finals)
+        self.scheduler.start()
+        self.door.start()
         # The transport first: the supervisor's first status change is then published, not refused.
         self.transport.start()
         self.supervisor.start()
         return 0
 
     def _runtime_changed(self) -> None:
-        if self.bridge is not None:
-            self.bridge.on_runtime_change()
+        if self.door is not None:
+            self.door.on_runtime_change()
 
     def status_text(self) -> str:
         """The line ``systemctl status`` shows."""
-        assert self.bridge is not None and self.transport is not None
+        assert self.door is not None and self.transport is not None
         where = f"{self.transport.host}:{self.settings.mqtt.port}"
         link = f"connected to {where}" if self.transport.connected else f"connecting to {where}"
-        return f"{link}; {self.bridge.status_line()}"
+        return f"{link}; {self.door.status_line()}"
 
     def run(self) -> None:
         """Serve until a stop is requested, telling systemd how things are going."""
-        assert self.bridge is not None and self.transport is not None and self.supervisor is not None
+        assert self.door is not None and self.transport is not None and self.supervisor is not None
         ready_sent = False
         last_status = ""
         started = time.monotonic()
@@ -125,7 +145,7 @@ class Daemon:
                     self.notifier.ready(self.status_text())
                     ready_sent = True
                     log.info("ready", runtime=self.supervisor.status, connected=self.transport.connected)
-            if interval and self.bridge.healthy(now):
+            if interval and self.door.healthy(now):
                 self.notifier.watchdog()
             line = self.status_text()
             if line != last_status or now >= next_status:
@@ -135,8 +155,10 @@ class Daemon:
     def stop(self) -> None:
         log.info("stopping", grace_s=self.settings.limits.shutdown_grace_s)
         self.notifier.stopping("stopping: finishing the running request")
-        if self.bridge is not None:
-            self.bridge.stop(self.settings.limits.shutdown_grace_s)
+        if self.scheduler is not None:
+            self.scheduler.shutdown(self.settings.limits.shutdown_grace_s)
+        if self.door is not None:
+            self.door.stop()
         if self.finals is not None:
             self.finals.stop()  # before the transport: the clears go out ahead of "offline"
         if self.transport is not None:

@@ -99,7 +99,7 @@ class FakeTransport:
         with self.cond:
             self.sent.append(Sent(topic, payload, retain, correlation_data, expiry_s))
             self.cond.notify_all()
-        return None
+        return self.sent[-1]  # taken, as the real transport's message info says
 
 
 class FakeClock:
@@ -315,3 +315,18 @@ def test_mqtt5_late_subscriber_gets_the_final_with_its_expiry(tmp_path: Path, da
         watcher.stop()
     finally:
         broker.stop()
+
+
+def test_a_final_the_transport_refused_is_not_scheduled_for_clearing() -> None:
+    class Refusing(FakeTransport):
+        def publish(self, topic: str, payload: bytes, **kwargs: Any) -> object:
+            super().publish(topic, payload, **kwargs)
+            return None
+
+    transport, clock = Refusing(v5=False), FakeClock()
+    finals = RetainedFinals(transport, 60, clock=clock)
+    assert finals.publish("r/n/response/too-big", b"{}", None) is None
+    assert finals.pending == 0
+    clock.now += 120
+    assert finals.clear_due() == 0
+    assert [s.payload for s in transport.sent] == [b"{}"]

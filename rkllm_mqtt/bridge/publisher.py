@@ -1,7 +1,8 @@
-"""Everything the bridge publishes, each payload on its topic with its QoS and retain flag (SPEC §3)."""
+"""Everything the bridge publishes, each payload on its topic with its QoS and retain flag (docs/topics.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import structlog
@@ -9,12 +10,12 @@ import structlog
 from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.payloads import (
     ErrorEvent,
+    ErrorInfo,
     FinalResponse,
     HealthPayload,
     ModelInfo,
     RequestStatus,
     StatePayload,
-    StreamChunk,
 )
 from rkllm_mqtt.topics import ReplyTopics, Topics
 
@@ -59,17 +60,44 @@ class Publisher:
     def reply_topics(self, request_id: str, reply_topic: str | None) -> ReplyTopics:
         return ReplyTopics(reply_topic or self.topics.response(request_id))
 
-    def chunk(self, reply: ReplyTopics, chunk: StreamChunk, correlation: bytes | None) -> None:
-        self.transport.publish(reply.stream, chunk.to_json(), qos=1, correlation_data=correlation)
+    def chunk_sender(self, reply: ReplyTopics, correlation: bytes | None) -> Callable[[bytes], None]:
+        """Publishes one request's stream chunks (ready JSON): the topic and properties are bound once."""
+        publish = self.transport.publish
+        topic = reply.stream
+
+        def send(payload: bytes) -> None:
+            publish(topic, payload, qos=1, correlation_data=correlation)
+
+        return send
 
     def status(self, reply: ReplyTopics, status: RequestStatus, correlation: bytes | None) -> None:
         self.transport.publish(reply.status, status.to_json(), qos=1, correlation_data=correlation)
 
     def final(self, reply: ReplyTopics, response: FinalResponse, correlation: bytes | None) -> None:
-        if self.finals is not None:  # retained for a while, so a late subscriber still gets it
-            self.finals.publish(reply.final, response.to_json(), correlation)
+        if self._send_final(reply.final, response.to_json(), correlation) is not None:
             return
-        self.transport.publish(reply.final, response.to_json(), qos=1, correlation_data=correlation)
+        # The transport refused it (and logged why): a final the broker would not take. The request is still
+        # answered, on its default topic, and without its text when the text is what made it too large.
+        default = self.topics.response(response.id)
+        if default != reply.final and self._send_final(default, response.to_json(), None) is not None:
+            return
+        stripped = response.model_copy(
+            update={
+                "state": "error",
+                "text": "",
+                "finish_reason": "error",
+                "error": ErrorInfo(
+                    code="response_too_large",
+                    message=f"the response ({len(response.to_json())} bytes) is larger than the broker takes",
+                ),
+            }
+        )
+        self._send_final(default, stripped.to_json(), None)
+
+    def _send_final(self, topic: str, payload: bytes, correlation: bytes | None) -> object:
+        if self.finals is not None:  # retained for a while, so a late subscriber still gets it
+            return self.finals.publish(topic, payload, correlation)
+        return self.transport.publish(topic, payload, qos=1, correlation_data=correlation)
 
     def last(self, response: FinalResponse) -> None:
         self.transport.publish(self.topics.last, response.to_json(), qos=1, retain=True)

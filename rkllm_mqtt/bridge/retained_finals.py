@@ -139,21 +139,23 @@ class RetainedFinals:
             self._thread.join(5.0)
         self._clear(remaining)
 
-    def publish(self, topic: str, payload: bytes, correlation: bytes | None) -> None:
+    def publish(self, topic: str, payload: bytes, correlation: bytes | None) -> object:
+        """Publish one final response; returns what the transport returned (None: it refused the message)."""
         if self.retain_s <= 0:
-            self.transport.publish(topic, payload, qos=1, correlation_data=correlation)
-            return
+            return self.transport.publish(topic, payload, qos=1, correlation_data=correlation)
         if self.transport.expires_messages:
-            self.transport.publish(
+            return self.transport.publish(
                 topic, payload, qos=1, retain=True, correlation_data=correlation, expiry_s=self.retain_s
             )
-            return
-        # MQTT 3.1.1 has no expiry: the clear is scheduled before the publish, so a stop in between still clears it.
-        with self._cond:
-            if not self._stopping:
-                self._schedule.add(topic, self.clock() + self.retain_s)
-                self._cond.notify_all()
-        self.transport.publish(topic, payload, qos=1, retain=True, correlation_data=correlation)
+        # MQTT 3.1.1 has no expiry: the bridge clears it later. A refused message was never retained.
+        result = self.transport.publish(topic, payload, qos=1, retain=True, correlation_data=correlation)
+        if result is not None:
+            with self._cond:
+                # Publishers stop before this does: after the stop has cleared, nothing more needs scheduling.
+                if not self._stopping:
+                    self._schedule.add(topic, self.clock() + self.retain_s)
+                    self._cond.notify_all()
+        return result
 
     def clear_due(self) -> int:
         """Clear the retained finals whose time is up; returns how many. The clearing thread calls it."""
