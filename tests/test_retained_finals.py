@@ -13,7 +13,10 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
+from rkllm_mqtt.bridge.outgoing import publish_packet_size
 from rkllm_mqtt.bridge.retained_finals import ClearSchedule, RetainedFinals
 from rkllm_mqtt.broker import EmbeddedBroker
 from rkllm_mqtt.settings import LimitsSettings
@@ -330,3 +333,33 @@ def test_a_final_the_transport_refused_is_not_scheduled_for_clearing() -> None:
     clock.now += 120
     assert finals.clear_due() == 0
     assert [s.payload for s in transport.sent] == [b"{}"]
+
+
+class _CapturingClient(mqtt.Client):
+    """paho's MQTT 5 client with its packet queue replaced by a list: the bytes it would send."""
+
+    def __init__(self) -> None:
+        super().__init__(CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        self.packets: list[bytes] = []
+        self._sock = self  # type: ignore[assignment]  # paho only builds a packet when it has a socket
+
+    def close(self) -> None:
+        pass
+
+    def _packet_queue(self, command: int, packet: bytes, mid: int, qos: int, info: Any = None) -> mqtt.MQTTErrorCode:
+        self.packets.append(bytes(packet))
+        return mqtt.MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+@pytest.mark.parametrize("correlation", [None, b"corr-42"])
+def test_the_size_check_counts_the_expiry_property(correlation: bytes | None) -> None:
+    client = _CapturingClient()
+    properties = Properties(PacketTypes.PUBLISH)
+    if correlation is not None:
+        properties.CorrelationData = correlation
+    properties.MessageExpiryInterval = 60
+    client._send_publish(1, b"rkllm/n/response/q", b"{}" * 100, 1, True, False, None, properties)
+    expected = publish_packet_size(
+        "rkllm/n/response/q", b"{}" * 100, qos=1, v5=True, correlation_data=correlation, expires=True
+    )
+    assert len(client.packets[-1]) == expected
