@@ -19,6 +19,7 @@ import structlog
 
 from rkllm_mqtt import __version__, exit_codes
 from rkllm_mqtt.bridge.door import MqttDoor
+from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.bridge.transport import MqttTransport, Subscription
 from rkllm_mqtt.broker import BrokerStartError, EmbeddedBroker
 from rkllm_mqtt.core.scheduler import Scheduler
@@ -46,6 +47,7 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.door: MqttDoor | None = None
         self.transport: MqttTransport | None = None
+        self.finals: RetainedFinals | None = None
 
     def _announce_defaults(self) -> None:
         if self.settings.embedded_broker:
@@ -103,7 +105,9 @@ class Daemon:
             # amqtt speaks 3.1.1 only and never answers an MQTT 5 CONNECT with a Will.
             force_protocol="3.1.1" if s.embedded_broker else None,
         )
-        self.door.attach(self.transport)
+        self.finals = RetainedFinals(self.transport, s.limits.final_retain_s)
+        self.finals.start()
+        self.door.attach(self.transport, self.finals)
         self.scheduler.start()
         self.door.start()
         # The transport first: the supervisor's first status change is then published, not refused.
@@ -155,6 +159,8 @@ class Daemon:
             self.scheduler.shutdown(self.settings.limits.shutdown_grace_s)
         if self.door is not None:
             self.door.stop()
+        if self.finals is not None:
+            self.finals.stop()  # before the transport: the clears go out ahead of "offline"
         if self.transport is not None:
             self.transport.stop()
         if self.supervisor is not None:

@@ -191,6 +191,13 @@ class LimitsSettings(_Section):
         default_factory=lambda: ["{base_topic}/reply"],
         description="Reply topics a request may name must lie under one of these ({base_topic} is replaced).",
     )
+    final_retain_s: int = Field(
+        60,
+        ge=0,
+        le=86400,
+        description="Keep each final response retained this long, so a client that subscribes after asking still "
+        "gets it (MQTT 5: message expiry; 3.1.1: the bridge clears it). 0: finals are not retained.",
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On stop, how long the running request may finish before it is aborted."
     )

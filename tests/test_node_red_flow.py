@@ -145,6 +145,9 @@ def test_mqtt_in_nodes_subscribe_to_what_the_daemon_publishes_for_the_reply_topi
     for node in ins:
         assert not topic_matches(node["topic"], reply.status)
         assert node["datatype"] == "json"
+    # The flow subscribes before it asks: the retained copy of an earlier final (kept for late subscribers) would
+    # only come back as a duplicate on every deploy. MQTT 5 retain handling 2: no retained messages on subscribe.
+    assert final_in[0]["rh"] == 2
 
 
 def test_wiring_inject_to_mqtt_out_and_mqtt_in_to_join_to_debug(flow: list[Node], nodes: dict[str, Node]) -> None:
