@@ -24,6 +24,7 @@ from rkllm_mqtt.bridge.publisher import Publisher, Publishing
 from rkllm_mqtt.bridge.requests import Rejection, Request, RequestRules, parse_request
 from rkllm_mqtt.bridge.streaming import ChunkStreamer
 from rkllm_mqtt.bridge.transport import IncomingMessage
+from rkllm_mqtt.core.jobs import GenerationRequest
 from rkllm_mqtt.errors import ErrorCode, RequestError
 from rkllm_mqtt.ha import discovery as ha
 from rkllm_mqtt.payloads import (
@@ -37,7 +38,7 @@ from rkllm_mqtt.payloads import (
     Timing,
     Usage,
 )
-from rkllm_mqtt.runtime.supervisor import GenerationRequest, GenerationResult, RuntimeSupervisor
+from rkllm_mqtt.runtime.supervisor import GenerationResult, RuntimeSupervisor
 from rkllm_mqtt.settings import Settings
 from rkllm_mqtt.topics import Topics
 

@@ -27,6 +27,7 @@ from typing import Any, Literal, Protocol
 
 import structlog
 
+from rkllm_mqtt.core.jobs import GenerationRequest
 from rkllm_mqtt.errors import ErrorCode, RequestError
 from rkllm_mqtt.payloads import FinishReason, ModelInfo, RuntimeStatus
 from rkllm_mqtt.runtime.protocol import Event, EventKind, EventReader, encode_command
@@ -48,16 +49,6 @@ class StreamSink(Protocol):
     def flush_deadline(self) -> float | None: ...
 
     def flush(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    timeout_s: float
-    session: str | None = None
-    system: str | None = None
-    max_new_tokens: int | None = None
-    sampling: dict[str, float] | None = None
 
 
 @dataclass
@@ -139,6 +130,7 @@ class RuntimeSupervisor:
         self._restarts = 0
         self._kv_owner: KvOwner = None
         self._kv_system: str | None = None
+        self._kv_tools: str | None = None
         self._forget_pending = False
         self._running = False
 
@@ -465,6 +457,9 @@ class RuntimeSupervisor:
                 "system": system,
                 "keep_history": request.session is not None,
                 "lora_name": adapters[0].name if adapters else None,
+                "role": request.role,
+                "enable_thinking": request.enable_thinking,
+                "tools": request.tools,
             }
             if abi == "1.2":
                 command["enforce_cap"] = cap  # 1.2 has no per-run cap: the worker stops generation itself
@@ -473,12 +468,18 @@ class RuntimeSupervisor:
                 command["sampling"] = request.sampling or None
             with self._state_lock:
                 owner = self._kv_owner
-                if owner is None:
-                    clear_first = False  # the last run kept no history
-                elif request.session is not None and owner == request.session:
-                    clear_first = self._kv_system != system  # same conversation, unless its system changed
-                else:
-                    clear_first = True  # another conversation, or unknown contents
+                # The cache holds this conversation: same session, same system prompt and tools.
+                held = (
+                    request.session is not None
+                    and owner == request.session
+                    and self._kv_system == system
+                    and self._kv_tools == request.tools
+                )
+                # Nothing to clear after a run that kept no history; else whatever is not this conversation.
+                clear_first = owner is not None and not held
+                if not held and request.session is not None and request.replay_prompt is not None:
+                    # The cache does not hold this conversation (any more): prefill all of it.
+                    command["prompt"], command["role"] = request.replay_prompt, "user"
                 command["clear_first"] = clear_first
                 self._running = True
                 self._forget_pending = False
@@ -648,5 +649,6 @@ class RuntimeSupervisor:
             else:
                 self._kv_owner = request.session
             self._kv_system = system
+            self._kv_tools = request.tools
             self._forget_pending = False
         return result
