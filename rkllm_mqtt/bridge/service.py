@@ -24,7 +24,7 @@ from rkllm_mqtt.bridge.publisher import Publisher, Publishing
 from rkllm_mqtt.bridge.requests import Rejection, Request, RequestRules, parse_request
 from rkllm_mqtt.bridge.streaming import ChunkStreamer
 from rkllm_mqtt.bridge.transport import IncomingMessage
-from rkllm_mqtt.core.jobs import GenerationRequest
+from rkllm_mqtt.core.jobs import CancelToken, GenerationRequest, GenerationResult
 from rkllm_mqtt.errors import ErrorCode, RequestError
 from rkllm_mqtt.ha import discovery as ha
 from rkllm_mqtt.payloads import (
@@ -38,7 +38,7 @@ from rkllm_mqtt.payloads import (
     Timing,
     Usage,
 )
-from rkllm_mqtt.runtime.supervisor import GenerationResult, RuntimeSupervisor
+from rkllm_mqtt.runtime.supervisor import RuntimeSupervisor
 from rkllm_mqtt.settings import Settings
 from rkllm_mqtt.topics import Topics
 
@@ -111,7 +111,7 @@ class Bridge:
         self._queue: collections.deque[Request] = collections.deque()
         self._current: Request | None = None
         self._current_started: float | None = None
-        self._current_abort_requested = False
+        self._current_cancel: CancelToken | None = None
         self._stopping = False
         self._dispatcher: threading.Thread | None = None
         self._runner: threading.Thread | None = None
@@ -334,14 +334,8 @@ class Bridge:
                     request.id,
                     request.reply_topic,
                 )
-            elif request.sampling and self.supervisor.abi == "1.2":
-                rejection = Rejection(
-                    "unsupported",
-                    f"per-request {', '.join(sorted(request.sampling))} need runtime 1.3; "
-                    "the loaded runtime uses the 1.2 layout (max_new_tokens works on both)",
-                    request.id,
-                    request.reply_topic,
-                )
+            elif (refusal := self.supervisor.unsupported_reason(self._generation_request(request))) is not None:
+                rejection = Rejection("unsupported", refusal, request.id, request.reply_topic)
             elif (self._current is not None and self._current.id == request.id) or any(
                 queued.id == request.id for queued in self._queue
             ):
@@ -394,10 +388,11 @@ class Bridge:
 
     def _abort(self, request_id: str | None) -> None:
         removed: Request | None = None
+        cancel: CancelToken | None = None
         with self._lock:
             current = self._current
             if current is not None and (request_id is None or current.id == request_id):
-                self._current_abort_requested = True
+                cancel = self._current_cancel
                 target = current.id
             else:
                 target = None
@@ -409,7 +404,8 @@ class Bridge:
                     self._queue.remove(removed)
         if target is not None:
             log.info("abort_requested", request_id=target, running=True)
-            self.supervisor.abort()
+            if cancel is not None:
+                cancel.cancel("abort")
         elif removed is not None:
             log.info("abort_requested", request_id=removed.id, running=False)
             self._finish_unrun(removed, "aborted", "aborted while queued")
@@ -437,7 +433,7 @@ class Bridge:
                 request = self._queue.popleft()
                 self._current = request
                 self._current_started = time.monotonic()
-                self._current_abort_requested = False
+                self._current_cancel = CancelToken()
             try:
                 self._run(request)
             except Exception:  # a failure here must not leave the request unanswered
@@ -468,24 +464,23 @@ class Bridge:
             enabled=request.stream,
             congested=self.publisher.congested,
         )
-        if self._current_abort_requested:
-            result = GenerationResult("", "abort", "aborted", "aborted before it started")
-        else:
-            try:
-                result = self.supervisor.generate(
-                    GenerationRequest(
-                        prompt=request.prompt,
-                        timeout_s=max(0.001, request.timeout_s),
-                        session=request.session,
-                        system=request.system,
-                        max_new_tokens=request.max_new_tokens,
-                        sampling=request.sampling,
-                    ),
-                    streamer,
-                )
-            except RequestError as exc:
-                result = GenerationResult("", "error", exc.code, exc.message)
+        cancel = self._current_cancel or CancelToken()
+        try:
+            result = self.supervisor.generate(self._generation_request(request), streamer, cancel)
+        except RequestError as exc:
+            result = GenerationResult("", "error", exc.code, exc.message)
         self._finish(request, result, started)
+
+    @staticmethod
+    def _generation_request(request: Request) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=request.prompt,
+            timeout_s=max(0.001, request.timeout_s),
+            session=request.session,
+            system=request.system,
+            max_new_tokens=request.max_new_tokens,
+            sampling=request.sampling,
+        )
 
     def _finish(self, request: Request, result: GenerationResult, started: float) -> None:
         ended = time.monotonic()
@@ -621,7 +616,9 @@ class Bridge:
             runner.join(grace_s)
             if runner.is_alive():
                 log.info("shutdown_aborting_running", request_id=self.current_request_id)
-                self.supervisor.abort()
+                cancel = self._current_cancel
+                if cancel is not None:
+                    cancel.cancel("shutdown")
                 runner.join(self.settings.limits.hang_grace_s + 5.0)
         self._put(_Stop())
         if self._dispatcher is not None:
