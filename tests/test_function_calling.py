@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from rkllm_mqtt.core.jobs import GenerationRequest, GenerationResult
+from rkllm_mqtt.core.jobs import CancelToken, GenerationRequest, GenerationResult
 from rkllm_mqtt.runtime.supervisor import RuntimeSupervisor
 from rkllm_mqtt.settings import Settings
 
@@ -68,7 +68,7 @@ def runtime(request: pytest.FixtureRequest, trace: Path) -> Iterator[tuple[Runti
 
 
 def run(supervisor: RuntimeSupervisor, request: GenerationRequest) -> GenerationResult:
-    return supervisor.generate(request, Sink())
+    return supervisor.generate(request, Sink(), CancelToken())
 
 
 def trace_lines(path: Path, prefix: str) -> list[str]:
