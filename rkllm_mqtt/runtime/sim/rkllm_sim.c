@@ -69,6 +69,8 @@
  * see what crossed the ABI, and that rkllm_run_async is never called. rkllm_run also writes "sim_prefill begin"
  * once it has started (an abort from then on is no longer forgotten) and "sim_prefill end aborted=0|1
  * elapsed_ms=M" after the prefill, so a test can act during the prefill and check afterwards that it did.
+ * Its last line is "sim_run end ret=R generated=N prefill_tokens=P": runs that never overlap show as
+ * alternating "rkllm_run ..." and "sim_run end" lines.
  *
  * rkllm_run_async behaves like the real 1.2.1 one: it writes its trace line and never returns.
  */
@@ -1453,6 +1455,8 @@ SIM_API int rkllm_run(LLMHandle handle, RKLLMInput *rkllm_input, RKLLMInferParam
             log_error("failed to save prompt cache to %s", rkllm_infer_params->prompt_cache_params->prompt_cache_path);
         }
     }
+    /* Written while the run still holds the handle: a "sim_run end" always comes before the next run's line. */
+    trace("sim_run end ret=%d generated=%d prefill_tokens=%d", ret, generated, count_words(prompt));
     atomic_store(&model->running, false);
     return ret;
 }
