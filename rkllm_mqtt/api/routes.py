@@ -99,6 +99,7 @@ class OllamaApi:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors, self._auth])
+        app.on_response_prepare.append(self._name_server)
         app.router.add_get("/", self.root)
         app.router.add_get("/api/version", self.version)
         app.router.add_get("/api/tags", self.tags)
@@ -108,6 +109,11 @@ class OllamaApi:
         app.router.add_post("/api/chat", self.chat)
         app.router.add_post("/api/generate", self.generate)
         return app
+
+    @staticmethod
+    async def _name_server(request: web.Request, response: web.StreamResponse) -> None:
+        # Says which server answers (doctor tells this bridge from an Ollama on the same port by it).
+        response.headers["Server"] = f"rkllm-mqtt/{__version__}"
 
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -187,7 +193,7 @@ class OllamaApi:
     # -- model endpoints -------------------------------------------------------------------------------------
 
     async def root(self, request: web.Request) -> web.StreamResponse:
-        return web.Response(text="Ollama is running", headers={"Server": f"rkllm-mqtt/{__version__}"})
+        return web.Response(text="Ollama is running")
 
     async def version(self, request: web.Request) -> web.StreamResponse:
         return web.json_response({"version": OLLAMA_API_VERSION})
