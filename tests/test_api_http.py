@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import ollama
 import pytest
+import structlog
 
 from rkllm_mqtt.api.server import ApiServer, ApiStartError
 from rkllm_mqtt.core.jobs import CancelToken, GenerationRequest, GenerationResult
@@ -341,3 +342,15 @@ def test_a_taken_port_is_a_clear_start_error() -> None:
         server = ApiServer(Settings(api={"enabled": True, "port": port}), scheduler, runtime)
         with pytest.raises(ApiStartError, match=str(port)):
             server.start()
+
+
+def test_listening_beyond_loopback_is_logged_as_a_warning_without_the_token() -> None:
+    runtime = FakeRuntime()
+    settings = Settings(api={"enabled": True, "host": "0.0.0.0", "port": free_port(), "token": "hush-hush"})
+    server = ApiServer(settings, Scheduler(runtime, queue_size=1, hang_grace_s=1.0), runtime)
+    with structlog.testing.capture_logs() as logs:
+        server.start()
+        server.stop()
+    (warning,) = [e for e in logs if e["event"] == "api_exposed"]
+    assert warning["log_level"] == "warning" and warning["host"] == "0.0.0.0" and warning["token"] is True
+    assert "hush-hush" not in repr(logs)
