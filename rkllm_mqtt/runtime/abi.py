@@ -256,6 +256,6 @@ def check_init_version(said: str, abi: str, configured: str) -> str | None:
         )
     return (
         f"{chosen}, but the runtime said rkllm-runtime version {said} during rkllm_init, which has the "
-        f'"{kind}" layout; binding it with the "{abi}" layout crashes sooner or later. Set runtime.abi = "{kind}" in the '
-        "configuration"
+        f'"{kind}" layout; binding it with the "{abi}" layout crashes sooner or later. '
+        f'Set runtime.abi = "{kind}" in the configuration'
     )
