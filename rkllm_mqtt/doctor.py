@@ -909,7 +909,7 @@ def check_homeassistant(
     ha = settings.homeassistant
     if not ha.enabled:
         return CheckResult(name, "SKIP", "discovery is disabled (homeassistant.enabled = false)")
-    topic = f"{ha.discovery_prefix}/status"
+    topic = ha.status_topic
     if settings.mqtt.host is None:
         return CheckResult(
             name,

@@ -198,75 +198,63 @@ def test_timeout_answers_with_the_partial_text(
     assert final["error"]["code"] == "timeout" and final["text"]
 
 
-@pytest.mark.parametrize(
-    ("payload", "code", "known_id"),
-    [
-        (b'{"prompt": "x", "id": "ok-1"', "invalid_json", None),
-        (b"[1, 2, 3]", None, None),  # not starting with '{': plain text, accepted
-        (b'  {"id": "a1"}', "invalid_request", "a1"),
-        (b'{"prompt": "x", "id": "bad id!"}', "invalid_request", None),
-        (b'{"prompt": "x", "id": "f1", "temprature": 0.3}', "invalid_request", "f1"),
-        (b'{"prompt": 5, "id": "t1"}', "invalid_request", "t1"),
-        (b"\xff\xfe not utf-8", "invalid_utf8", None),
-        (b"   ", "invalid_request", None),
-        (json.dumps({"id": "big", "prompt": "x" * 5000}).encode(), "prompt_too_long", "big"),
-    ],
-    ids=[
-        "truncated-json",
-        "json-array",
-        "no-prompt",
-        "bad-id",
-        "unknown-field",
-        "wrong-type",
-        "bad-utf8",
-        "blank",
-        "too-long",
-    ],
-)
-def test_malformed_requests_get_their_code(
-    amqtt_broker: EmbeddedBroker,
-    probe: Probe,
-    daemons: list[Daemon],
-    tmp_path: Path,
-    payload: bytes,
-    code: str | None,
-    known_id: str | None,
+MALFORMED: list[tuple[bytes, str, str | None]] = [
+    (b'{"prompt": "x", "id": "ok-1"', "invalid_json", None),
+    (b'  {"id": "a1"}', "invalid_request", "a1"),
+    (b'{"prompt": "x", "id": "bad id!"}', "invalid_request", None),
+    (b'{"prompt": "x", "id": "f1", "temprature": 0.3}', "invalid_request", "f1"),
+    (b'{"prompt": 5, "id": "t1"}', "invalid_request", "t1"),
+    (b"\xff\xfe not utf-8", "invalid_utf8", None),
+    (b"   ", "invalid_request", None),
+    (json.dumps({"id": "big", "prompt": "x" * 5000}).encode(), "prompt_too_long", "big"),
+]
+
+
+def test_malformed_requests_get_their_code_and_the_daemon_keeps_serving(
+    amqtt_broker: EmbeddedBroker, probe: Probe, daemons: list[Daemon], tmp_path: Path
 ) -> None:
+    """Each rule has its unit test (tests/test_requests.py, tests/test_door.py); here one daemon takes them all
+    over a real broker, answers each on the error topic (and its reply topic when the id is known), and serves on."""
     daemon = launch(daemons, tmp_path, amqtt_broker.port, probe, limits={"max_prompt_bytes": 4096})
-    probe.publish(f"{daemon.root}/prompt", payload)
-    if code is None:
-        final = probe.wait_json(f"{daemon.root}/last", lambda r: True)
-        assert final["state"] == "done" and "[1, 2, 3]" in final["text"]
-        return
-    error = probe.wait_json(f"{daemon.root}/error", lambda e: e["code"] == code)
-    assert error["message"]
-    assert error.get("id") == known_id
-    if known_id is not None:
-        final = probe.wait_json(f"{daemon.root}/response/{known_id}", lambda r: True)
-        assert final["state"] == "error" and final["error"]["code"] == code
-    # The daemon is still serving after bad input.
-    probe.publish(f"{daemon.root}/prompt", json.dumps({"id": "after", "prompt": "still there?"}))
-    assert probe.wait_json(f"{daemon.root}/response/after", lambda r: True)["state"] == "done"
+    for index, (payload, code, known_id) in enumerate(MALFORMED):
+        probe.publish(f"{daemon.root}/prompt", payload)
+        probe.wait_for(lambda msgs, n=index + 1: len(errors(probe, daemon)) >= n)
+        error = errors(probe, daemon)[index]
+        assert (error["code"], error.get("id")) == (code, known_id), payload
+        assert error["message"]
+        if known_id is not None:
+            final = probe.wait_json(f"{daemon.root}/response/{known_id}", lambda r: True)
+            assert final["state"] == "error" and final["error"]["code"] == code
+    probe.publish(f"{daemon.root}/prompt", b"[1, 2, 3]")  # not starting with '{': plain text, accepted
+    final = probe.wait_json(f"{daemon.root}/last", lambda r: True)
+    assert final["state"] == "done" and "[1, 2, 3]" in final["text"]
+    state = probe.wait_json(f"{daemon.root}/state", lambda s: s["requests_total"] == len(MALFORMED) + 1)
+    assert (state["rejected_total"], state["errors_total"]) == (len(MALFORMED), 0)
+    health = probe.wait_json(f"{daemon.root}/health", lambda h: True)
+    assert health["last_error"] is None, "a client's mistake is not the bridge's error"
 
 
-@pytest.mark.parametrize(
-    "reply_topic",
-    ["homeassistant/sensor/x/config", "rkllm/replyx", "rkllm/reply/+/x", "$SYS/x", "other/place"],
-)
+FORBIDDEN_REPLY_TOPICS = ["homeassistant/sensor/x/config", "rkllm/replyx", "rkllm/reply/+/x", "$SYS/x", "other/place"]
+
+
 def test_forbidden_reply_topics_are_never_written(
-    amqtt_broker: EmbeddedBroker, probe: Probe, daemons: list[Daemon], tmp_path: Path, reply_topic: str
+    amqtt_broker: EmbeddedBroker, probe: Probe, daemons: list[Daemon], tmp_path: Path
 ) -> None:
     daemon = launch(daemons, tmp_path, amqtt_broker.port, probe)
-    if "+" not in reply_topic and not reply_topic.startswith("$"):
-        probe.subscribe(f"{reply_topic}/#", reply_topic)
-    body = {"id": "evil", "prompt": "x", "response_topic": reply_topic}
-    probe.publish(f"{daemon.root}/prompt", json.dumps(body))
-    error = probe.wait_json(f"{daemon.root}/error", lambda e: e["code"] == "forbidden_topic")
-    assert error["id"] == "evil"
-    final = probe.wait_json(f"{daemon.root}/response/evil", lambda r: True)
-    assert final["error"]["code"] == "forbidden_topic"
+    for reply_topic in FORBIDDEN_REPLY_TOPICS:
+        if "+" not in reply_topic and not reply_topic.startswith("$"):
+            probe.subscribe(f"{reply_topic}/#", reply_topic)
+    for index, reply_topic in enumerate(FORBIDDEN_REPLY_TOPICS):
+        body = {"id": f"evil-{index}", "prompt": "x", "response_topic": reply_topic}
+        probe.publish(f"{daemon.root}/prompt", json.dumps(body))
+        final = probe.wait_json(f"{daemon.root}/response/evil-{index}", lambda r: True)
+        assert final["error"]["code"] == "forbidden_topic", reply_topic
+    assert {e["id"] for e in errors(probe, daemon) if e["code"] == "forbidden_topic"} == {
+        f"evil-{index}" for index in range(len(FORBIDDEN_REPLY_TOPICS))
+    }
     sentinel(probe, daemon, "after-evil")
-    assert not [m for m in probe.messages if m.topic == reply_topic or m.topic.startswith(reply_topic + "/")]
+    for reply_topic in FORBIDDEN_REPLY_TOPICS:
+        assert not [m for m in probe.messages if m.topic == reply_topic or m.topic.startswith(reply_topic + "/")]
 
 
 def test_own_topics_cannot_be_used_as_reply(

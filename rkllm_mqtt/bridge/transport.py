@@ -106,6 +106,7 @@ class MqttTransport:
         self._stopping = False
         self._unacked = 0  # QoS 1 publishes paho holds until the broker acknowledges them (queued or in flight)
         self._unacked_lock = threading.Lock()
+        self._last_properties: tuple[tuple[bytes | None, str | None], Properties] | None = None
 
     # -- state --------------------------------------------------------------------------------
 
@@ -297,6 +298,24 @@ class MqttTransport:
 
     # -- publishing (thread-safe: paho locks internally) ------------------------------------------------
 
+    def _properties(self, correlation_data: bytes | None, response_topic: str | None) -> Properties:
+        """The PUBLISH properties for these values, built once for all the messages of one request.
+
+        Building paho's Properties costs ~20 us; every chunk of a stream carries the same correlation data. The
+        one cached entry is replaced as a whole (one assignment), so concurrent publishers need no lock; paho
+        only reads the object."""
+        key = (correlation_data, response_topic)
+        cached = self._last_properties
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        properties = Properties(PacketTypes.PUBLISH)
+        if correlation_data is not None:
+            properties.CorrelationData = correlation_data
+        if response_topic is not None:
+            properties.ResponseTopic = response_topic
+        self._last_properties = (key, properties)
+        return properties
+
     def publish(
         self,
         topic: str,
@@ -313,11 +332,7 @@ class MqttTransport:
             return None
         properties = None
         if (correlation_data is not None or response_topic is not None) and self.protocol == "5":
-            properties = Properties(PacketTypes.PUBLISH)
-            if correlation_data is not None:
-                properties.CorrelationData = correlation_data
-            if response_topic is not None:
-                properties.ResponseTopic = response_topic
+            properties = self._properties(correlation_data, response_topic)
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             with self._unacked_lock:
