@@ -114,10 +114,15 @@ def test_models_chat_and_generate(daemons: list[Daemon], tmp_path: Path, probe: 
     assert text.startswith("[turn 1] You said: hello there.")
     assert len(streamed) == 13 and streamed[-1].done  # one line per token, then the final one
     assert client.generate(MODEL, "one two").response.startswith("[turn 1] You said: one two.")
+    thought = client.chat(MODEL, messages=[{"role": "user", "content": "think"}], think=True)
+    assert thought.message.thinking == "\nthinking it over\n"
+    assert (thought.message.content or "").startswith("[turn 1] You said: think.")
+    unasked = client.chat(MODEL, messages=[{"role": "user", "content": "think"}], think=False)
+    assert not unasked.message.thinking and "<think>" not in (unasked.message.content or "")
     limited = client.generate(MODEL, "short", options={"num_predict": 3})
     assert limited.response == "[turn 1] You " and limited.done_reason == "length"
     # The HTTP requests count on the MQTT state like any other.
-    probe.wait_json(f"{daemon.root}/state", lambda s: s.get("requests_total") == 4 and s.get("status") == "idle")
+    probe.wait_json(f"{daemon.root}/state", lambda s: s.get("requests_total") == 6 and s.get("status") == "idle")
 
 
 def test_tool_call_round_trip_keeps_the_conversation_in_the_kv_cache(

@@ -137,6 +137,12 @@ class OllamaApi:
             if exc.status >= 400:
                 return error_response(exc.status, f"{request.method} {request.path}: {exc.reason.lower()}")
             raise
+        except ConnectionResetError:
+            # The client went away while its answer was written (its job was cancelled on the way out).
+            return web.Response(status=499)
+        except Exception:  # the daemon never fails on a request: say so in Ollama's shape and log it
+            log.exception("api_handler_failed", path=request.path)
+            return error_response(500, "internal error while handling the request")
 
     # -- helpers -------------------------------------------------------------------------------------------
 
