@@ -354,3 +354,55 @@ def test_listening_beyond_loopback_is_logged_as_a_warning_without_the_token() ->
     (warning,) = [e for e in logs if e["event"] == "api_exposed"]
     assert warning["log_level"] == "warning" and warning["host"] == "0.0.0.0" and warning["token"] is True
     assert "hush-hush" not in repr(logs)
+
+
+class QueueWatch:
+    """A scheduler observer that lets a test wait for a queue depth (the scheduler tells it every change)."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self.scheduler = scheduler
+        self.cond = threading.Condition()
+
+    def on_change(self) -> None:
+        with self.cond:
+            self.cond.notify_all()
+
+    def wait_depth(self, depth: int) -> None:
+        with self.cond:
+            ok = self.cond.wait_for(lambda: self.scheduler.snapshot().queue_depth == depth, WAIT_S)
+        assert ok, f"the queue never held {depth}"
+
+
+def test_client_that_goes_away_while_queued_leaves_the_queue() -> None:
+    runtime = FakeRuntime(gated=True)
+    port = free_port()
+    settings = Settings(api={"enabled": True, "port": port})
+    scheduler = Scheduler(runtime, queue_size=4, hang_grace_s=1.0)
+    watch = QueueWatch(scheduler)
+    scheduler.observe(watch)
+    scheduler.start()
+    server = ApiServer(settings, scheduler, runtime)
+    server.start()
+    try:
+        client = ollama.Client(host=f"http://127.0.0.1:{port}")
+        running = threading.Thread(target=lambda: client.generate(MODEL, "first"))
+        running.start()
+        assert runtime.started.wait(WAIT_S)
+        body = json.dumps({"model": MODEL, "prompt": "second"}).encode()
+        with socket.create_connection(("127.0.0.1", port)) as raw:
+            raw.sendall(
+                b"POST /api/generate HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            watch.wait_depth(1)
+        # The connection is closed while the request waits: it leaves the queue at once, never to run.
+        watch.wait_depth(0)
+        runtime.release.set()
+        running.join(WAIT_S)
+        assert [r.prompt for r in runtime.requests] == ["first"]
+        assert scheduler.snapshot().requests_total == 2
+    finally:
+        runtime.release.set()
+        scheduler.shutdown(1.0)
+        server.stop()
