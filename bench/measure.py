@@ -242,8 +242,11 @@ def long_reply(env: Env, daemon: Daemon, tokens: int) -> dict[str, Any]:
     return {"tokens": tokens, **row}
 
 
-def cpu_at_rate(env: Env, daemon: Daemon, requests: int, tokens: int, rate: float) -> dict[str, Any]:
-    """The daemon's CPU per token while a realistic stream runs (requests back to back)."""
+def cpu_at_rate(
+    env: Env, daemon: Daemon, requests: int, tokens: int, rate: float, *, stream: bool = True
+) -> dict[str, Any]:
+    """The daemon's CPU per token while a realistic stream runs (requests back to back). With ``stream=False``
+    nothing is published per token: what is left is the runtime side (worker, event pipe, run loop)."""
     worker = daemon.worker_pid()
     switches_before = {pid: context_switches(pid)["voluntary"] for pid in (daemon.pid, worker)}
     threads_before = {pid: (thread_cpu_ns(pid), thread_switches(pid)) for pid in (daemon.pid, worker)}
@@ -251,7 +254,8 @@ def cpu_at_rate(env: Env, daemon: Daemon, requests: int, tokens: int, rate: floa
     delivered = 0
     for i in range(requests):
         final = env.sub.wait_for(
-            _request(env, daemon, f"cpu-{i}", prompt="cpu", max_new_tokens=tokens), timeout=tokens / rate * 2 + 30
+            _request(env, daemon, f"cpu-{stream:d}-{i}", prompt="cpu", max_new_tokens=tokens, stream=stream),
+            timeout=tokens / rate * 2 + 30,
         ).json()
         delivered += int(final["usage"]["completion_tokens"])
     after = sample_cpu([daemon.pid, worker])
@@ -274,6 +278,7 @@ def cpu_at_rate(env: Env, daemon: Daemon, requests: int, tokens: int, rate: floa
 
     return {
         "requests": requests,
+        "stream": stream,
         "tokens": delivered,
         "rate": rate,
         "seconds": round(cpu["wall_ns"] / 1e9, 2),

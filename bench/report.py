@@ -84,6 +84,8 @@ def headline(results: dict[str, Any]) -> dict[str, Any]:
         "cpu_us_per_token_rate_worker": dig(results, "cpu_rate.cpu_us_per_token_worker"),
         "wakeups_per_token_parent": dig(results, "cpu_rate.wakeups_per_token_parent"),
         "wakeups_per_token_worker": dig(results, "cpu_rate.wakeups_per_token_worker"),
+        "cpu_us_per_token_rate_no_stream": dig(results, "cpu_rate_no_stream.cpu_us_per_token"),
+        "cpu_us_per_token_rate_no_stream_parent": dig(results, "cpu_rate_no_stream.cpu_us_per_token_parent"),
         "first_chunk_idle_p50_ms": dig(results, "first_chunk.idle_ms.p50"),
         "first_chunk_following_p50_ms": dig(results, "first_chunk.following_ms.p50"),
         "first_chunk_following_vs_idle": _ratio(
@@ -206,6 +208,8 @@ ROWS: list[tuple[str, str, str]] = [
     ("  worker (includes the simulator's own waiting)", "cpu_us_per_token_rate_worker", "us"),
     ("  wake-ups per token, parent", "wakeups_per_token_parent", ""),
     ("  wake-ups per token, worker", "wakeups_per_token_worker", ""),
+    ("CPU per token at 20 tok/s, not streamed (runtime side only)", "cpu_us_per_token_rate_no_stream", "us"),
+    ("  parent", "cpu_us_per_token_rate_no_stream_parent", "us"),
     ("First chunk, request on an idle bridge (p50, publish to chunk)", "first_chunk_idle_p50_ms", "ms"),
     ("First chunk, request right after another's final (p50)", "first_chunk_following_p50_ms", "ms"),
     ("  following / idle", "first_chunk_following_vs_idle", "x"),

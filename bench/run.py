@@ -211,6 +211,10 @@ class Runner:
     def _cpu(self, env: Env, daemon: Any) -> None:
         p = self.plan
         self.step("cpu_rate", lambda: measure.cpu_at_rate(env, daemon, p.cpu_requests, p.cpu_tokens, p.cpu_rate))
+        self.step(
+            "cpu_rate_no_stream",
+            lambda: measure.cpu_at_rate(env, daemon, p.cpu_requests, p.cpu_tokens, p.cpu_rate, stream=False),
+        )
 
     def _first_chunk(self, env: Env, daemon: Any) -> None:
         p = self.plan

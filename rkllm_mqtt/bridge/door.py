@@ -245,14 +245,18 @@ class MqttDoor:
         return self.runtime.model_info
 
     def republish_status(self) -> None:
+        self._publish_runtime_status()
+        if self._last_final is not None:
+            assert self.publisher is not None
+            self.publisher.last(self._last_final)
+
+    def _publish_runtime_status(self) -> None:
         assert self.publisher is not None
         self.publisher.health(self.health_payload())
         self.on_change()
         info = self.runtime.model_info
         if info is not None:
             self.publisher.model(info)
-        if self._last_final is not None:
-            self.publisher.last(self._last_final)
 
     # -- the dispatcher thread --------------------------------------------------------------------------------
 
@@ -264,7 +268,7 @@ class MqttDoor:
             for extension in self.extensions:
                 extension.on_connected()
         else:
-            self.republish_status()
+            self._publish_runtime_status()
             for extension in self.extensions:
                 extension.on_runtime_change()
 
