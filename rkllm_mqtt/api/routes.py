@@ -1,17 +1,15 @@
 """The Ollama API's endpoints, on the bridge's scheduler.
 
-Every generation becomes a :class:`~rkllm_mqtt.core.jobs.Job` with an ``http-…`` id, submitted to the same
-scheduler as MQTT requests: the same admission, FIFO, single flight, limits, counters and abort. A client that
-goes away cancels its job (queued or running).
+Requests are checked here (authorization, body, model, limits) and turned into a generation request; each
+generation becomes a :class:`~rkllm_mqtt.core.jobs.Job` with an ``http-…`` id on the same scheduler as MQTT
+requests (the same admission, FIFO, single flight, limits, counters and abort), answered by
+:class:`~rkllm_mqtt.api.relay.JobRelay`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
-import time
-import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
@@ -21,14 +19,13 @@ from pydantic import BaseModel, ValidationError
 
 from rkllm_mqtt import __version__
 from rkllm_mqtt.api import catalog
-from rkllm_mqtt.api.answers import STATUS_FOR_CODE, Answer, ChatAnswer, GenerateAnswer
+from rkllm_mqtt.api.answers import ChatAnswer, GenerateAnswer
 from rkllm_mqtt.api.chat import ConversationError, Markup
-from rkllm_mqtt.api.conversation import Conversations, Plan
+from rkllm_mqtt.api.conversation import Conversations
 from rkllm_mqtt.api.formats import AnswerFormat, FormatError
-from rkllm_mqtt.api.reply import ReplySplitter
-from rkllm_mqtt.api.reporter import Finished, LoopReporter, Text
+from rkllm_mqtt.api.relay import NDJSON, JobDesk, JobRelay, Turn, error_response, ndjson_line
 from rkllm_mqtt.api.shapes import ChatBody, GenerateBody, ModelBody, Options, describe
-from rkllm_mqtt.core.jobs import Admission, GenerationRequest, Job, Refused
+from rkllm_mqtt.core.jobs import GenerationRequest
 from rkllm_mqtt.errors import ErrorCode
 from rkllm_mqtt.payloads import ModelInfo, RuntimeStatus
 from rkllm_mqtt.settings import Settings
@@ -37,20 +34,9 @@ log = structlog.get_logger(__name__)
 
 # The Ollama API version whose shapes this server follows (clients may compare it with a minimum).
 OLLAMA_API_VERSION = "0.12.0"
-NDJSON = "application/x-ndjson"
 
 B = TypeVar("B", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class JobDesk(Protocol):
-    """What the API needs of the scheduler."""
-
-    def submit(self, job: Job) -> Admission: ...
-
-    def abort(self, job_id: str | None = None) -> str: ...
-
-    def record_rejection(self, code: ErrorCode) -> None: ...
 
 
 class RuntimeView(Protocol):
@@ -74,14 +60,6 @@ class ApiError(Exception):
         self.code = code
 
 
-def error_response(status: int, message: str) -> web.Response:
-    return web.json_response({"error": message}, status=status)
-
-
-def _line(data: dict[str, Any]) -> bytes:
-    return (json.dumps(data, ensure_ascii=False) + "\n").encode("utf-8")
-
-
 class OllamaApi:
     """The handlers. Everything runs on the server's event loop; the scheduler is only called, never waited on."""
 
@@ -92,6 +70,7 @@ class OllamaApi:
         rt = settings.runtime
         self.markup = Markup.for_template(rt.prompt_prefix, rt.prompt_postfix)
         self.conversations = Conversations(self.markup)
+        self.relay = JobRelay(desk, self.conversations)
         token = settings.api.token
         self._token = f"Bearer {token.get_secret_value()}".encode() if token is not None else None
 
@@ -229,17 +208,15 @@ class OllamaApi:
             return web.json_response({"status": "success"})
         response = web.StreamResponse(headers={"Content-Type": NDJSON})
         await response.prepare(request)
-        await response.write(_line({"status": "success"}))
+        await response.write(ndjson_line({"status": "success"}))
         await response.write_eof()
         return response
 
     # -- generation --------------------------------------------------------------------------------------------
 
-    def _ready_model(self, requested: str) -> ModelInfo:
-        info = self._loaded(requested)
+    def _require_ready(self) -> None:
         if self.runtime.status != "ready":
             raise ApiError(503, self._not_ready_message(), "not_ready")
-        return info
 
     @staticmethod
     def _answer_format(spec: Any) -> AnswerFormat | None:
@@ -254,7 +231,7 @@ class OllamaApi:
         answer = ChatAnswer(catalog.ollama_name(info.model_name), thinking=body.thinking)
         if not body.messages:  # Ollama's way to load (or, keep_alive 0, unload) a model
             return web.json_response(answer.loaded("unload" if body.keep_alive in (0, "0") else "load"))
-        self._ready_model(body.model)
+        self._require_ready()
         fmt = self._answer_format(body.format)
         tools = json.dumps(body.tools, ensure_ascii=False) if body.tools else None
         try:
@@ -275,7 +252,7 @@ class OllamaApi:
             role=plan.role,
             replay_prompt=plan.replay,
         )
-        return await self._run(request, generation, answer, stream=body.stream, fmt=fmt, plan=plan, tools=tools)
+        return await self.relay.serve(request, generation, Turn(answer, body.stream, fmt, plan, tools))
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         body = await self._body(request, GenerateBody)
@@ -283,7 +260,7 @@ class OllamaApi:
         answer = GenerateAnswer(catalog.ollama_name(info.model_name), thinking=body.thinking)
         if not body.prompt:
             return web.json_response(answer.loaded("unload" if body.keep_alive in (0, "0") else "load"))
-        self._ready_model(body.model)
+        self._require_ready()
         if body.images:
             raise ApiError(400, "images are not supported: the loaded model reads text only", "invalid_request")
         fmt = self._answer_format(body.format)
@@ -298,96 +275,4 @@ class OllamaApi:
             sampling=options.sampling(),
             enable_thinking=body.thinking,
         )
-        return await self._run(request, generation, answer, stream=body.stream, fmt=fmt, plan=None, tools=None)
-
-    async def _run(
-        self,
-        request: web.Request,
-        generation: GenerationRequest,
-        answer: Answer,
-        *,
-        stream: bool,
-        fmt: AnswerFormat | None,
-        plan: Plan | None,
-        tools: str | None,
-    ) -> web.StreamResponse:
-        reporter = LoopReporter(asyncio.get_running_loop())
-        job = Job(f"http-{uuid.uuid4().hex[:16]}", generation, reporter, time.monotonic(), source="http")
-        admission = self.desk.submit(job)
-        if isinstance(admission, Refused):
-            log.info("api_request_refused", request_id=job.id, code=admission.code, error=admission.message)
-            return error_response(STATUS_FOR_CODE.get(admission.code, 500), admission.message)
-        log.info(
-            "api_request",
-            request_id=job.id,
-            path=request.path,
-            stream=stream,
-            position=admission.position,
-            session=plan.session if plan else None,
-            reused=plan.reused if plan else None,
-            role=generation.role,
-            prompt_bytes=len(generation.prompt.encode("utf-8")),
-        )
-        splitter = ReplySplitter(parse_tools=isinstance(answer, ChatAnswer) and tools is not None)
-        live = stream and fmt is None  # a formatted answer is checked whole before any of it goes out
-        response: web.StreamResponse | None = None
-        finished: Finished | None = None
-        try:
-            while finished is None:
-                report = await reporter.reports.get()
-                if isinstance(report, Text):
-                    pieces = splitter.feed(report.chunk)
-                    if live and answer.has_output(pieces):
-                        response = await self._send(request, response, answer.piece(pieces))
-                elif isinstance(report, Finished):
-                    finished = report
-            tail = splitter.finish()
-            result = finished.result
-            if result.error_code is not None:
-                if plan is not None:
-                    self.conversations.settle(plan, tools, None)
-                message = result.error_message or result.error_code
-                log.info("api_request_failed", request_id=job.id, code=result.error_code, error=message)
-                if response is not None:  # the status line is gone: Ollama's clients read an error line
-                    await response.write(_line({"error": message}))
-                    await response.write_eof()
-                    return response
-                return error_response(STATUS_FOR_CODE.get(result.error_code, 500), message)
-            text = splitter.text
-            if fmt is not None:
-                try:
-                    text = fmt.check(text)
-                except FormatError as exc:
-                    if plan is not None:
-                        self.conversations.settle(plan, tools, None)
-                    log.info("api_format_invalid", request_id=job.id, error=str(exc))
-                    return error_response(500, str(exc))
-            if plan is not None:
-                self.conversations.settle(plan, tools, (text, splitter.calls))
-            if not stream:
-                whole = answer.whole(text, splitter.thinking, splitter.calls, result, finished.total_ms)
-                return web.json_response(whole)
-            if fmt is not None:
-                tail.text, tail.thinking = text, splitter.thinking
-            if answer.has_output(tail):
-                response = await self._send(request, response, answer.piece(tail))
-            response = await self._send(request, response, answer.last(result, finished.total_ms))
-            await response.write_eof()
-            return response
-        finally:
-            if finished is None:  # the client went away (or the server stops): the NPU is not kept for nobody
-                job.cancel.cancel("disconnect")
-                outcome = self.desk.abort(job.id)
-                if plan is not None:
-                    self.conversations.settle(plan, tools, None)
-                log.info("api_client_gone", request_id=job.id, was=outcome)
-
-    @staticmethod
-    async def _send(
-        request: web.Request, response: web.StreamResponse | None, data: dict[str, Any]
-    ) -> web.StreamResponse:
-        if response is None:
-            response = web.StreamResponse(headers={"Content-Type": NDJSON})
-            await response.prepare(request)
-        await response.write(_line(data))
-        return response
+        return await self.relay.serve(request, generation, Turn(answer, body.stream, fmt, None, None))

@@ -13,7 +13,8 @@ import threading
 import structlog
 from aiohttp import web
 
-from rkllm_mqtt.api.routes import JobDesk, OllamaApi, RuntimeView
+from rkllm_mqtt.api.relay import JobDesk
+from rkllm_mqtt.api.routes import OllamaApi, RuntimeView
 from rkllm_mqtt.settings import Settings
 
 log = structlog.get_logger(__name__)
