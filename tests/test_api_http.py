@@ -406,3 +406,19 @@ def test_client_that_goes_away_while_queued_leaves_the_queue() -> None:
         runtime.release.set()
         scheduler.shutdown(1.0)
         server.stop()
+
+
+def test_thinking_is_returned_only_when_asked_for_and_never_as_the_answer() -> None:
+    s = serve(FakeRuntime(reply="<think>The user greets me.</think>\n\nHello!", pieces=7))
+    try:
+        client = s.client()
+        asked = client.chat(MODEL, messages=[{"role": "user", "content": "hi"}], think=True)
+        assert (asked.message.thinking, asked.message.content) == ("The user greets me.", "Hello!")
+        assert s.runtime.requests[-1].enable_thinking
+        unasked = list(client.generate(MODEL, "hi", stream=True))
+        assert "".join(p.response or "" for p in unasked) == "Hello!"
+        assert all(not p.thinking for p in unasked)
+        assert not s.runtime.requests[-1].enable_thinking
+    finally:
+        s.scheduler.shutdown(1.0)
+        s.server.stop()
