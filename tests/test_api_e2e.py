@@ -119,10 +119,12 @@ def test_models_chat_and_generate(daemons: list[Daemon], tmp_path: Path, probe: 
     assert (thought.message.content or "").startswith("[turn 1] You said: think.")
     unasked = client.chat(MODEL, messages=[{"role": "user", "content": "think"}], think=False)
     assert not unasked.message.thinking and "<think>" not in (unasked.message.content or "")
+    sampled = client.generate(MODEL, "sampled", options={"temperature": 0.2, "top_k": 5, "top_p": 0.5})
+    assert sampled.done_reason == "stop"  # per-request sampling reached the 1.3 runtime without an error
     limited = client.generate(MODEL, "short", options={"num_predict": 3})
     assert limited.response == "[turn 1] You " and limited.done_reason == "length"
     # The HTTP requests count on the MQTT state like any other.
-    probe.wait_json(f"{daemon.root}/state", lambda s: s.get("requests_total") == 6 and s.get("status") == "idle")
+    probe.wait_json(f"{daemon.root}/state", lambda s: s.get("requests_total") == 7 and s.get("status") == "idle")
 
 
 def test_tool_call_round_trip_keeps_the_conversation_in_the_kv_cache(

@@ -61,8 +61,9 @@ class Options(_Body):
     num_predict: int | None = None
 
     def sampling(self) -> dict[str, float] | None:
-        picked = {
-            name: float(value)
+        # top_k stays an int: the runtime's struct field is an integer.
+        picked: dict[str, float] = {
+            name: value
             for name in ("temperature", "top_p", "top_k", "repeat_penalty")
             if (value := getattr(self, name)) is not None
         }
