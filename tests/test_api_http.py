@@ -7,6 +7,7 @@ End-to-end tests against a daemon on the simulated runtime are in test_api_e2e.p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -419,6 +420,37 @@ def test_thinking_is_returned_only_when_asked_for_and_never_as_the_answer() -> N
         assert "".join(p.response or "" for p in unasked) == "Hello!"
         assert all(not p.thinking for p in unasked)
         assert not s.runtime.requests[-1].enable_thinking
+    finally:
+        s.scheduler.shutdown(1.0)
+        s.server.stop()
+
+
+def test_home_assistant_style_call_with_the_async_client() -> None:
+    """The call Home Assistant's Ollama integration makes: AsyncClient, streamed, tools, keep_alive -1, num_ctx."""
+    call = '<tool_call>\n{"name": "HassTurnOn", "arguments": {"name": "kitchen light", "area": ""}}\n</tool_call>'
+    s = serve(FakeRuntime(reply=call, pieces=5))
+    tools = [{"type": "function", "function": {"name": "HassTurnOn", "parameters": {"type": "object"}}}]
+
+    async def converse() -> list[Any]:
+        client = ollama.AsyncClient(host=s.url)
+        stream = await client.chat(
+            model=MODEL,
+            messages=[{"role": "system", "content": "You are a house."}, {"role": "user", "content": "light on"}],
+            tools=tools,
+            stream=True,
+            keep_alive=-1,
+            options={"num_ctx": 8192},
+            think=None,
+            format=None,
+        )
+        return [part async for part in stream]
+
+    try:
+        parts = asyncio.run(converse())
+        calls = [c for p in parts for c in p.message.tool_calls or ()]
+        assert [c.function.name for c in calls] == ["HassTurnOn"]
+        assert parts[-1].done and parts[-1].done_reason == "stop"
+        assert s.runtime.requests[-1].system == "You are a house."
     finally:
         s.scheduler.shutdown(1.0)
         s.server.stop()
