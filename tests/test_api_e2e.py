@@ -4,6 +4,7 @@ official ``ollama`` client, sharing one queue with MQTT requests."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -251,3 +252,20 @@ def test_client_that_disconnects_aborts_its_generation(daemons: list[Daemon], tm
     assert done["code"] == "aborted" and str(done["request_id"]).startswith("http-")
     (gone,) = wait_log(daemon, "api_client_gone")
     assert gone["request_id"] == done["request_id"]
+
+
+def test_serve_exits_with_its_own_code_when_the_api_port_is_taken(tmp_path: Path, probe: Probe) -> None:
+    from rkllm_mqtt import exit_codes
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = Daemon(tmp_path, probe.port, api={"enabled": True, "port": port}).start()
+        try:
+            assert daemon.proc is not None
+            assert daemon.proc.wait(WAIT_S) == exit_codes.API_FAILED
+        finally:
+            daemon.stop()
+    (failed,) = wait_log(daemon, "api_start_failed")
+    assert str(port) in failed["error"]
