@@ -125,6 +125,7 @@ class RunLoop:
         self.finish: dict[str, Any] | None = None
         self.run_error = False
         self.returned: dict[str, Any] | None = None
+        self.run_sent = False
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -136,6 +137,12 @@ class RunLoop:
         unregister = self.cancel.on_cancel(self.wake.wake)
         try:
             return self._loop()
+        except BaseException:
+            # The sink (or anything else here) failed mid-run: the worker's run must still end before the next
+            # one starts, or its tokens would reach the next request.
+            if self.run_sent and self.returned is None:
+                self._abandon()
+            raise
         finally:
             unregister()
 
@@ -147,6 +154,7 @@ class RunLoop:
         poller.register(self.wake.read_fd, select.POLLIN)
         if not self.handle.send("run", **self.command):
             return self._worker_gone()
+        self.run_sent = True
         while self.returned is None:
             now = time.monotonic()
             if self.hang_deadline is None:
@@ -207,6 +215,26 @@ class RunLoop:
         self.hang_deadline = now + self.hang_grace_s
         self.next_abort = now + ABORT_RESEND_S
         self.handle.send("abort")
+
+    def _abandon(self) -> None:
+        """Stop the worker's run and wait for it to return, dropping its events; kill the worker if it hangs."""
+        self.handle.send("abort")
+        deadline = time.monotonic() + self.hang_grace_s
+        events = self.handle.events
+        poller = select.poll()
+        poller.register(events.fd, _POLL_IN)
+        next_abort = time.monotonic() + ABORT_RESEND_S
+        while not events.eof:
+            now = time.monotonic()
+            if now >= deadline:
+                self.handle.kill("hung: rkllm_run did not return after abort")
+                return
+            if now >= next_abort:
+                self.handle.send("abort")
+                next_abort = now + ABORT_RESEND_S
+            ready = poller.poll(max(0, math.ceil((min(deadline, next_abort) - now) * 1000.0)))
+            if ready and any(event.kind == EventKind.RUN_RETURNED for event in events.read_ready()):
+                return
 
     # -- endings -----------------------------------------------------------------------------------------
 
