@@ -29,6 +29,14 @@ from rkllm_mqtt.runtime.protocol import Event, EventKind
 from rkllm_mqtt.runtime.workerproc import WorkerHandle, describe_exit
 
 ABORT_RESEND_S = 0.5
+# Plain ints: compared once per token.
+_CHUNK, _FINISH, _RUN_ERROR, _CAP_REACHED, _RUN_RETURNED = (
+    int(EventKind.CHUNK),
+    int(EventKind.FINISH),
+    int(EventKind.RUN_ERROR),
+    int(EventKind.CAP_REACHED),
+    int(EventKind.RUN_RETURNED),
+)
 _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
@@ -191,7 +199,7 @@ class RunLoop:
 
     def _on_event(self, event: Event) -> None:
         kind = event.kind
-        if kind == EventKind.CHUNK:
+        if kind == _CHUNK:
             if self.first_at is None:
                 self.first_at = time.monotonic()
             self.chunks += 1
@@ -199,14 +207,14 @@ class RunLoop:
             if text:
                 self.parts.append(text)
                 self.sink.text(text)
-        elif kind == EventKind.FINISH:
+        elif kind == _FINISH:
             self.finish = event.json()
-        elif kind == EventKind.RUN_ERROR:
+        elif kind == _RUN_ERROR:
             self.run_error = True
-        elif kind == EventKind.CAP_REACHED:
+        elif kind == _CAP_REACHED:
             self.cap_reached = True
             self._ask_to_stop(time.monotonic())
-        elif kind == EventKind.RUN_RETURNED:
+        elif kind == _RUN_RETURNED:
             self.returned = event.json()
 
     def _ask_to_stop(self, now: float) -> None:
@@ -233,7 +241,7 @@ class RunLoop:
                 self.handle.send("abort")
                 next_abort = now + ABORT_RESEND_S
             ready = poller.poll(max(0, math.ceil((min(deadline, next_abort) - now) * 1000.0)))
-            if ready and any(event.kind == EventKind.RUN_RETURNED for event in events.read_ready()):
+            if ready and any(event.kind == _RUN_RETURNED for event in events.read_ready()):
                 return
 
     # -- endings -----------------------------------------------------------------------------------------
