@@ -69,6 +69,7 @@ def _line_buffer_c_stdio() -> None:
 
 
 _CHUNK_HEADER = HEADER.pack
+_CHUNK = int(EventKind.CHUNK)
 
 
 class Worker:
@@ -105,7 +106,10 @@ class Worker:
                     return
                 if state == STATE_NORMAL:
                     self.tokens += 1
-                write_all(self.event_fd, _CHUNK_HEADER(EventKind.CHUNK, len(text)) + text)
+                frame = _CHUNK_HEADER(_CHUNK, len(text)) + text
+                written = os.write(self.event_fd, frame)  # one write: a frame below PIPE_BUF goes whole
+                if written < len(frame):
+                    write_all(self.event_fd, frame[written:])
         elif state == STATE_FINISH:
             stats = (
                 {
