@@ -17,7 +17,7 @@ from types import FrameType
 
 import structlog
 
-from rkllm_mqtt import __version__
+from rkllm_mqtt import __version__, exit_codes
 from rkllm_mqtt.bridge.door import MqttDoor
 from rkllm_mqtt.bridge.transport import MqttTransport, Subscription
 from rkllm_mqtt.broker import BrokerStartError, EmbeddedBroker
@@ -30,7 +30,7 @@ from rkllm_mqtt.settings import Settings
 log = structlog.get_logger("rkllm_mqtt.daemon")
 
 EMBEDDED_HOST = "127.0.0.1"
-EXIT_BROKER = 3
+EXIT_BROKER = exit_codes.EMBEDDED_BROKER_FAILED
 STATUS_INTERVAL_S = 30.0
 # Below the unit's TimeoutStartSec (120 s).
 READY_AT_LATEST_S = 90.0
@@ -55,6 +55,12 @@ class Daemon:
                 runtime=self.settings.runtime.resolved_library(),
                 hint="running on the embedded defaults for a first try; set mqtt.host to use your broker "
                 "(Mosquitto, Home Assistant's add-on) and runtime.model_path for a real model",
+            )
+        if self.settings.discovery_defaulted_off:
+            log.info(
+                "homeassistant_discovery_off",
+                reason="the embedded broker listens on 127.0.0.1 only: Home Assistant cannot reach it",
+                hint="set mqtt.host to the broker Home Assistant uses; homeassistant.enabled = true forces discovery",
             )
         if self.settings.runtime.is_simulated:
             log.warning(

@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 from rkllm_mqtt.core.jobs import CancelToken, GenerationRequest, GenerationResult
 from rkllm_mqtt.core.scheduler import StreamSink
+from rkllm_mqtt.errors import RequestError
 from rkllm_mqtt.payloads import ModelInfo, RuntimeStatus
 
 WAIT_S = 30.0  # a bound for waits on events that must happen; never reached unless the code under test is broken
@@ -96,8 +97,12 @@ class FakeRuntime:
         self.settle_waits = 0
 
     def generate(self, request: GenerationRequest, sink: StreamSink, cancel: CancelToken) -> GenerationResult:
+        if cancel.cancelled:  # checked before rkllm_run starts: nothing runs
+            return FakeRun(request, cancel, [])._cancelled()
         if self.raise_on_generate is not None:
             raise self.raise_on_generate
+        if self.unsupported_reason(request) is not None:
+            raise RequestError("unsupported", "sampling needs runtime 1.3")
         run = FakeRun(request, cancel, list(self.tokens))
         if self.free:
             run.finish()
@@ -107,8 +112,6 @@ class FakeRuntime:
             self.runs.append(run)
             self._cond.notify_all()
         try:
-            if cancel.cancelled:  # checked before rkllm_run starts
-                return run._cancelled()
             self.deadlines.append(sink.flush_deadline())
             self.before_run(run)
             return run.play(sink, self.before_token)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import itertools
 import random
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -29,12 +29,15 @@ class FakeReporter:
     times: tuple[float, float] | None = None
     fail_on: str | None = None
     flushes: int = 0
+    on_started: Callable[[], None] | None = None
 
     def queued(self, job: Job, position: int) -> None:
         self._event("queued", position)
 
     def started(self, job: Job) -> None:
         self._event("started", None)
+        if self.on_started is not None:
+            self.on_started()
 
     def text(self, job: Job, chunk: str) -> None:
         self._event("text", chunk)
@@ -386,6 +389,22 @@ def test_health_is_read_without_side_effects_and_sees_a_wedged_run(runtime: Fake
         sched.shutdown(grace_s=WAIT_S)
 
 
+def test_a_runtime_that_changed_since_admission_refuses_at_the_start(
+    scheduler: Scheduler, runtime: FakeRuntime
+) -> None:
+    first, _ = make_job()
+    submit(scheduler, first)
+    run = runtime.next_run(1)
+    hot, r2 = make_job(sampling={"temperature": 0.5})
+    submit(scheduler, hot)  # admitted on 1.3
+    runtime.abi = "1.2"  # the runtime restarted with another layout
+    run.finish()
+    result = r2.wait()
+    assert result.error_code == "unsupported"
+    assert r2.kinds == ["queued", "started", "finished"]
+    assert scheduler.snapshot().errors_total == 1
+
+
 def test_a_job_started_while_the_runtime_loads_waits_for_it(scheduler: Scheduler, runtime: FakeRuntime) -> None:
     runtime.status = "loading"
     job, reporter = make_job()
@@ -468,23 +487,25 @@ def test_shutdown_lets_the_running_job_finish_within_the_grace(runtime: FakeRunt
 
 # -- abort is never lost ----------------------------------------------------------------------------------
 
-POINTS = ("queued", "before_run", "before_first_token", "mid_stream", "after_finish")
+POINTS = ("queued", "on_started", "before_run", "before_first_token", "mid_stream", "after_finish")
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_an_abort_at_any_point_of_a_run_is_never_lost(seed: int) -> None:
-    """Over 1,000 runs (in two seeds), an abort fired at every point of a run's life: each one before the finish
+    """Over 1,200 runs (in two seeds), an abort fired at every point of a run's life: each one before the finish
     ends the job ``aborted``; one after the finish leaves it ``done``; every job gets exactly one final."""
     rng = random.Random(seed)
     runtime = FakeRuntime(tokens=["t0", "t1", "t2", "t3"], free=True)
     sched = Scheduler(runtime, queue_size=4, hang_grace_s=1.0)
     sched.start()
     try:
-        for iteration in range(500):
+        for iteration in range(600):
             point = POINTS[iteration % len(POINTS)]
             target_token = rng.randrange(1, 4)
             job, reporter = make_job(f"s{seed}-{iteration}")
             fired: list[str] = []
+            if point == "on_started":  # the scheduler has taken the job; generate is not called yet
+                reporter.on_started = lambda job=job, fired=fired: fired.append(sched.abort(job.id))
 
             def fire(job: Job = job, fired: list[str] = fired) -> None:
                 fired.append(sched.abort(job.id))

@@ -27,7 +27,15 @@ from rkllm_mqtt.bridge.dispatcher import Deadline, Dispatcher
 from rkllm_mqtt.bridge.extension import Extension
 from rkllm_mqtt.bridge.publisher import Publisher, Publishing
 from rkllm_mqtt.bridge.reporter import MqttJobReporter
-from rkllm_mqtt.bridge.requests import Rejection, Request, RequestRules, parse_request
+from rkllm_mqtt.bridge.requests import (
+    Rejection,
+    Request,
+    RequestRules,
+    parse_abort,
+    parse_clear,
+    parse_request,
+    reply_topic_problem,
+)
 from rkllm_mqtt.bridge.transport import IncomingMessage
 from rkllm_mqtt.core.jobs import GenerationRequest, Job, Refused
 from rkllm_mqtt.core.scheduler import RUNTIME_FAILURES, Scheduler
@@ -106,12 +114,7 @@ class MqttDoor:
         self.extensions = list(extensions)
         self.topics = Topics(settings.mqtt.base_topic, settings.mqtt.node_id)
         self.node = self.topics.node
-        self.rules = RequestRules(
-            max_prompt_bytes=settings.limits.max_prompt_bytes,
-            request_timeout_s=settings.limits.request_timeout_s,
-            reply_prefixes=tuple(settings.reply_prefixes()),
-            forbidden_roots=(settings.homeassistant.discovery_prefix, self.topics.root),
-        )
+        self.rules = RequestRules.from_settings(settings, self.topics.root)
         self.cluster = settings.cluster.enabled
         self.peers = PeerTable(self.topics)
         self.publisher: Publisher | None = None
@@ -245,14 +248,18 @@ class MqttDoor:
         return self.runtime.model_info
 
     def republish_status(self) -> None:
+        self._publish_runtime_status()
+        if self._last_final is not None:
+            assert self.publisher is not None
+            self.publisher.last(self._last_final)
+
+    def _publish_runtime_status(self) -> None:
         assert self.publisher is not None
         self.publisher.health(self.health_payload())
         self.on_change()
         info = self.runtime.model_info
         if info is not None:
             self.publisher.model(info)
-        if self._last_final is not None:
-            self.publisher.last(self._last_final)
 
     # -- the dispatcher thread --------------------------------------------------------------------------------
 
@@ -264,7 +271,7 @@ class MqttDoor:
             for extension in self.extensions:
                 extension.on_connected()
         else:
-            self.republish_status()
+            self._publish_runtime_status()
             for extension in self.extensions:
                 extension.on_runtime_change()
 
@@ -340,6 +347,8 @@ class MqttDoor:
         busy = self.scheduler.snapshot().busy or self.runtime.status != "ready"
         if not busy or message.retain:
             return False
+        if message.response_topic is not None and reply_topic_problem(message.response_topic, self.rules) is not None:
+            return False  # answered here with forbidden_topic; forwarding the property could cost the connection
         peer = self.peers.pick_idle()
         if peer is None:
             return False  # every node is busy: queue it here (or answer queue_full), nothing is lost
@@ -350,7 +359,10 @@ class MqttDoor:
         return True
 
     def _abort(self, payload: bytes) -> None:
-        request_id = payload.decode("utf-8", errors="replace").strip() or None
+        request_id = parse_abort(payload)
+        if isinstance(request_id, Rejection):
+            self._reject(request_id)
+            return
         outcome = self.scheduler.abort(request_id)
         if outcome == "not_found":
             assert self.publisher is not None
@@ -361,7 +373,11 @@ class MqttDoor:
             log.info("abort_ignored", reason="nothing is running")
 
     def _clear(self, payload: bytes) -> None:
-        self.scheduler.clear(payload.decode("utf-8", errors="replace").strip() or None)
+        session = parse_clear(payload)
+        if isinstance(session, Rejection):
+            self._reject(session)
+            return
+        self.scheduler.clear(session)
 
     # -- answers --------------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ import structlog
 
 from rkllm_mqtt.payloads import (
     ErrorEvent,
+    ErrorInfo,
     FinalResponse,
     HealthPayload,
     ModelInfo,
@@ -71,7 +72,25 @@ class Publisher:
         self.transport.publish(reply.status, status.to_json(), qos=1, correlation_data=correlation)
 
     def final(self, reply: ReplyTopics, response: FinalResponse, correlation: bytes | None) -> None:
-        self.transport.publish(reply.final, response.to_json(), qos=1, correlation_data=correlation)
+        if self.transport.publish(reply.final, response.to_json(), qos=1, correlation_data=correlation) is not None:
+            return
+        # The transport refused it (and logged why): a final the broker would not take. The request is still
+        # answered, on its default topic, and without its text when the text is what made it too large.
+        default = self.topics.response(response.id)
+        if default != reply.final and self.transport.publish(default, response.to_json(), qos=1) is not None:
+            return
+        stripped = response.model_copy(
+            update={
+                "state": "error",
+                "text": "",
+                "finish_reason": "error",
+                "error": ErrorInfo(
+                    code="response_too_large",
+                    message=f"the response ({len(response.to_json())} bytes) is larger than the broker takes",
+                ),
+            }
+        )
+        self.transport.publish(default, stripped.to_json(), qos=1)
 
     def last(self, response: FinalResponse) -> None:
         self.transport.publish(self.topics.last, response.to_json(), qos=1, retain=True)
