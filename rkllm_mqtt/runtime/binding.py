@@ -7,7 +7,9 @@ and everything handed to one ``rkllm_run`` for the duration of that call.
 
 The result callback runs on the runtime's thread while ``rkllm_run`` blocks. It only copies the bytes (and the
 perf numbers at FINISH) and calls the handler: no lock, no logging, nothing that can block the NPU. It always
-returns 0 to C, also when the handler raises.
+returns 0 to C, also when the handler raises. With a :class:`~rkllm_mqtt.runtime.relay.Relay` (the worker's
+case) the runtime calls the relay's C callback instead, which writes token text to the event pipe itself and
+passes only the other states to the Python callback.
 
 ``rkllm_run_async`` is never called and not even declared: it never returns in runtime 1.2.1.
 """
@@ -31,6 +33,7 @@ from rkllm_mqtt.runtime.cdefs import (
     cdef_for,
     per_request_refusal,
 )
+from rkllm_mqtt.runtime.relay import Relay
 
 __all__ = [
     "STATE_ERROR",
@@ -161,8 +164,12 @@ class RkllmBinding:
         self._ffi = ffi
         self._lib = lib
 
-    def init(self, params: InitParams, on_result: ResultHandler) -> None:
-        """rkllm_init with ``params``; ``on_result`` receives every result callback of later runs."""
+    def init(self, params: InitParams, on_result: ResultHandler, relay: Relay | None = None) -> None:
+        """rkllm_init with ``params``; ``on_result`` receives every result callback of later runs.
+
+        With a ``relay``, the runtime calls the relay's C callback, which writes token text to the event pipe
+        itself: ``on_result`` then receives only FINISH and ERROR.
+        """
         ffi, lib = self._require_open()
         if self._handle is not None:
             raise RuntimeLoadError("the runtime already holds a model; destroy() it before init() again")
@@ -192,7 +199,13 @@ class RkllmBinding:
         if params.embed_flash is not None:
             param.extend_param.embed_flash = 1 if params.embed_flash else 0
 
-        callback = ffi.callback("LLMResultCallback", _make_result_callback(ffi), error=0, onerror=_callback_onerror)
+        python_callback = ffi.callback(
+            "LLMResultCallback", _make_result_callback(ffi), error=0, onerror=_callback_onerror
+        )
+        callback = python_callback
+        if relay is not None:
+            relay.setup(int(ffi.cast("uintptr_t", python_callback)))
+            callback = ffi.cast("LLMResultCallback", relay.callback_address())
         userdata = ffi.new_handle(self)
         handle_out = ffi.new("LLMHandle *")
         self._on_result = on_result  # before rkllm_init, in case a runtime calls back from it
@@ -200,10 +213,10 @@ class RkllmBinding:
             callbacks = ffi.new("RKLLMCallback *")
             callbacks.result_callback = callback
             callbacks.result_userdata = userdata
-            keepalive: list[Any] = [param, model_path, callback, userdata, callbacks]
+            keepalive: list[Any] = [param, model_path, python_callback, callback, relay, userdata, callbacks]
             ret = lib.rkllm_init(handle_out, param, callbacks)
         else:
-            keepalive = [param, model_path, callback, userdata]
+            keepalive = [param, model_path, python_callback, callback, relay, userdata]
             ret = lib.rkllm_init(handle_out, param, callback)
         if ret != 0:
             self._on_result = None

@@ -37,6 +37,7 @@ from rkllm_mqtt.runtime.protocol import (
     encode_json_event,
     write_all,
 )
+from rkllm_mqtt.runtime.relay import Relay
 from rkllm_mqtt.runtime.template import ChatTemplate, build_template
 
 PR_SET_PDEATHSIG = 1
@@ -79,6 +80,7 @@ class Worker:
         self.event_fd = event_fd
         self.config = config
         self.binding: Any = None
+        self.relay: Relay | None = None  # token frames written in C (None: through on_result)
         self.template: ChatTemplate | None = None
         # (system prompt, tools JSON) last given to rkllm_set_function_tools; None while function calling is off.
         self.function_tools: tuple[str, str] | None = None
@@ -155,7 +157,10 @@ class Worker:
             started = time.monotonic()
             init = dict(cfg["init"])
             init["model_path"] = model_path
-            binding.init(InitParams(**init), self.on_result)
+            self.relay = Relay.load(self.event_fd)
+            if self.relay is None:
+                print("rkllm-mqtt worker: the C token relay is not built; tokens go through Python", flush=True)
+            binding.init(InitParams(**init), self.on_result, relay=self.relay)
             load_ms = (time.monotonic() - started) * 1000.0
             # Everything rkllm_init printed is in the pipe before this line (the parent checks its version).
             _flush_c_stdio()
@@ -227,6 +232,8 @@ class Worker:
             self.tokens = 0
             self.cap = int(cmd.get("enforce_cap") or 0)
             self.cap_sent = False
+            if self.relay is not None:
+                self.relay.begin_run(self.cap)
             if self.abort_pending:  # aborted before it started: rkllm_run would forget that abort
                 self.emit_json(EventKind.RUN_RETURNED, {"ret": 0, "message": "", "tokens": 0})
                 return
@@ -244,7 +251,8 @@ class Worker:
             ret, message = getattr(exc, "ret", -1), exc.message
         except Exception as exc:  # reported, never fatal: the parent decides what to do
             ret, message = -1, f"{type(exc).__name__}: {exc}"
-        self.emit_json(EventKind.RUN_RETURNED, {"ret": ret, "message": message, "tokens": self.tokens})
+        tokens = self.relay.tokens() if self.relay is not None else self.tokens
+        self.emit_json(EventKind.RUN_RETURNED, {"ret": ret, "message": message, "tokens": tokens})
 
     def runner(self) -> None:
         while True:
