@@ -18,6 +18,7 @@ from types import FrameType
 import structlog
 
 from rkllm_mqtt import __version__, exit_codes
+from rkllm_mqtt.api.server import ApiServer, ApiStartError
 from rkllm_mqtt.bridge.door import MqttDoor
 from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.bridge.transport import MqttTransport, Subscription
@@ -32,6 +33,7 @@ log = structlog.get_logger("rkllm_mqtt.daemon")
 
 EMBEDDED_HOST = "127.0.0.1"
 EXIT_BROKER = exit_codes.EMBEDDED_BROKER_FAILED
+EXIT_API = exit_codes.API_FAILED
 STATUS_INTERVAL_S = 30.0
 # Below the unit's TimeoutStartSec (120 s).
 READY_AT_LATEST_S = 90.0
@@ -48,6 +50,7 @@ class Daemon:
         self.door: MqttDoor | None = None
         self.transport: MqttTransport | None = None
         self.finals: RetainedFinals | None = None
+        self.api: ApiServer | None = None
 
     def _announce_defaults(self) -> None:
         if self.settings.embedded_broker:
@@ -105,6 +108,18 @@ class Daemon:
             # amqtt speaks 3.1.1 only and never answers an MQTT 5 CONNECT with a Will.
             force_protocol="3.1.1" if s.embedded_broker else None,
         )
+        if s.api.enabled:
+            # The HTTP front door (Ollama's API) on the same scheduler: one queue for the one NPU.
+            self.api = ApiServer(s, self.scheduler, runtime)
+            try:
+                self.api.start()
+            except ApiStartError as exc:
+                log.error("api_start_failed", error=str(exc), hint="free the port or set api.port")
+                self.api = None
+                if self.broker is not None:
+                    self.broker.stop()
+                self.notifier.close()
+                return EXIT_API
         self.finals = RetainedFinals(self.transport, s.limits.final_retain_s)
         self.finals.start()
         self.door.attach(self.transport, self.finals)
@@ -157,6 +172,8 @@ class Daemon:
         self.notifier.stopping("stopping: finishing the running request")
         if self.scheduler is not None:
             self.scheduler.shutdown(self.settings.limits.shutdown_grace_s)
+        if self.api is not None:
+            self.api.stop()
         if self.door is not None:
             self.door.stop()
         if self.finals is not None:

@@ -874,6 +874,9 @@ def run_checks(settings: Settings) -> list[CheckResult]:
         check_broker,
         check_homeassistant,
     ]
+    from rkllm_mqtt.api.preflight import check_api  # it builds on this module's CheckResult
+
+    checks.append(check_api)
     results: list[CheckResult] = []
     for check in checks:
         try:
