@@ -209,7 +209,7 @@ def test_function_node_builds_a_valid_request() -> None:
         f"const result = (function(msg) {{\n{function['func']}\n}})(msg);\n"
         "process.stdout.write(JSON.stringify(result.payload));\n"
     )
-    completed = subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True, timeout=30)
+    completed = subprocess.run(["node", "-e", script], capture_output=True, text=True, check=True, timeout=300)
     request = json.loads(completed.stdout)
     assert request["prompt"] == "What is MQTT?"
     assert re.match(ID_PATTERN, request["id"])
