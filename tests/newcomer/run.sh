@@ -101,8 +101,8 @@ else
   fail "ask --json prints the final response object" "rc=$rc stdout=$out stderr=$(cat "$work/ask.err")"
 fi
 
-note "mosquitto_sub -t 'rkllm/$node/response/+' -C 1 & then mosquitto_pub -t rkllm/$node/prompt -m '...' (QoS 0)"
-mosquitto_sub -t "rkllm/$node/response/+" -C 1 -W 60 >"$work/sub1.out" 2>&1 &
+note "mosquitto_sub -t 'rkllm/$node/response/+' -R -C 1 & then mosquitto_pub -t rkllm/$node/prompt -m '...' (QoS 0)"
+mosquitto_sub -t "rkllm/$node/response/+" -R -C 1 -W 60 >"$work/sub1.out" 2>&1 &
 sub=$!
 mosquitto_pub -t "rkllm/$node/prompt" -m 'Turn this into a haiku: the kettle boiled'
 wait "$sub"
