@@ -251,6 +251,7 @@ class RkllmBinding:
         *,
         keep_history: bool,
         role: str = "user",
+        enable_thinking: bool = False,
         max_new_tokens: int | None = None,
         sampling: Sampling | None = None,
         lora_name: str | None = None,
@@ -281,7 +282,7 @@ class RkllmBinding:
         prompt_c = ffi.new("char[]", prompt.encode("utf-8"))
         rkllm_input = ffi.new("RKLLMInput *")
         rkllm_input.role = role_c
-        rkllm_input.enable_thinking = False
+        rkllm_input.enable_thinking = enable_thinking
         rkllm_input.input_type = lib.RKLLM_INPUT_PROMPT
         rkllm_input.prompt_input = prompt_c
 
@@ -338,6 +339,16 @@ class RkllmBinding:
         self._check(ret, "rkllm_set_chat_template")
         # The runtime copies them; keeping the latest set costs nothing and is safe if some version does not.
         self._template_keepalive = strings
+
+    def set_function_tools(self, system_prompt: str, tools: str, tool_response_str: str) -> None:
+        """rkllm_set_function_tools (runtime 1.2.1+): the tools (a JSON array) the model may call, the system prompt
+        that goes with them, and the tag that marks a tool's result in a turn of role ``tool``."""
+        ffi, lib = self._require_open()
+        handle = self._require_handle()
+        strings = tuple(ffi.new("char[]", s.encode("utf-8")) for s in (system_prompt, tools, tool_response_str))
+        self._check(lib.rkllm_set_function_tools(handle, *strings), "rkllm_set_function_tools")
+        # Kept like the chat template's strings, in case a runtime keeps the pointers.
+        self._template_keepalive = (*self._template_keepalive, *strings)
 
     def load_lora(self, path: str, name: str, scale: float) -> None:
         ffi, lib = self._require_open()

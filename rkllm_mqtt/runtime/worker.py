@@ -41,6 +41,8 @@ from rkllm_mqtt.runtime.relay import Relay
 from rkllm_mqtt.runtime.template import ChatTemplate, build_template
 
 PR_SET_PDEATHSIG = 1
+# The tag that marks a tool's result in a turn of role "tool" (the one Rockchip's own server demo uses).
+TOOL_RESPONSE_TAG = "tool_response"
 
 
 def _die_with_parent() -> None:
@@ -80,6 +82,8 @@ class Worker:
         self.binding: Any = None
         self.relay: Relay | None = None  # token frames written in C (None: through on_result)
         self.template: ChatTemplate | None = None
+        # (system prompt, tools JSON) last given to rkllm_set_function_tools; None while function calling is off.
+        self.function_tools: tuple[str, str] | None = None
         self.runs: queue.Queue[dict[str, Any] | None] = queue.Queue()
         # Set by an abort that arrives after the run command: the runner then skips rkllm_run (which would
         # forget an abort that came before it started). Reset by every run command.
@@ -188,11 +192,28 @@ class Worker:
         )
         return True
 
-    def apply_template(self, system: str) -> None:
+    def apply_tools(self, system: str, tools: str | None) -> None:
+        """Function calling on (tools given), changed, or off again before the run."""
+        if tools:
+            if self.function_tools != (system, tools):
+                self.binding.set_function_tools(system, tools, TOOL_RESPONSE_TAG)
+                self.function_tools = (system, tools)
+            return
+        leaving = self.function_tools is not None
+        self.function_tools = None
+        self.apply_template(system, force=leaving)
+
+    def apply_template(self, system: str, *, force: bool = False) -> None:
+        """Set the chat template for ``system`` when it changed; ``force`` sets it in any case (after function
+        calling, which replaced it inside the runtime)."""
         markup = self.config["library"] != "sim"
-        template = build_template(
-            system, self.config.get("prompt_prefix"), self.config.get("prompt_postfix"), markup=markup
-        )
+        prefix, postfix = self.config.get("prompt_prefix"), self.config.get("prompt_postfix")
+        template = build_template(system, prefix, postfix, markup=markup)
+        if force:
+            self.template = None
+            if template is None:  # the markup only, as build_template writes it for a system prompt
+                shaped = build_template(" ", prefix, postfix, markup=markup)
+                template = ChatTemplate("", shaped.prompt_prefix, shaped.prompt_postfix) if shaped else None
         if template is None and self.template is not None:
             # Once a template was set the model's own one cannot be restored: keep the markup, drop the system.
             template = ChatTemplate("", self.template.prompt_prefix, self.template.prompt_postfix)
@@ -205,7 +226,7 @@ class Worker:
     def run_one(self, cmd: dict[str, Any]) -> None:
         ret, message = 0, ""
         try:
-            self.apply_template(str(cmd.get("system") or ""))
+            self.apply_tools(str(cmd.get("system") or ""), cmd.get("tools"))
             if cmd.get("clear_first"):
                 self.binding.clear_kv_cache(False)
             self.tokens = 0
@@ -220,6 +241,8 @@ class Worker:
             self.binding.run(
                 str(cmd["prompt"]),
                 keep_history=bool(cmd.get("keep_history")),
+                role=str(cmd.get("role") or "user"),
+                enable_thinking=bool(cmd.get("enable_thinking")),
                 max_new_tokens=cmd.get("max_new_tokens"),
                 sampling=Sampling(**sampling) if sampling else None,
                 lora_name=cmd.get("lora_name"),
