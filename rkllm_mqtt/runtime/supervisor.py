@@ -48,11 +48,12 @@ def is_error_line(line: str) -> bool:
 
 
 class RuntimeSupervisor:
+    """The worker process's life and the one generation at a time on it. Thread-safe."""
+
     def __init__(self, settings: Settings, on_change: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.on_change = on_change or (lambda: None)
-        self._status_lock = threading.Lock()
-        self._status_changed = threading.Condition(self._status_lock)
+        self._status_changed = threading.Condition()  # guards _status and _last_error; notified on change
         self._run_lock = threading.Lock()
         self._stopping = threading.Event()
         self._manager: threading.Thread | None = None
