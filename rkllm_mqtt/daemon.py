@@ -18,7 +18,9 @@ from types import FrameType
 import structlog
 
 from rkllm_mqtt import __version__, exit_codes
+from rkllm_mqtt.api.server import ApiServer, ApiStartError
 from rkllm_mqtt.bridge.door import MqttDoor
+from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.bridge.transport import MqttTransport, Subscription
 from rkllm_mqtt.broker import BrokerStartError, EmbeddedBroker
 from rkllm_mqtt.core.scheduler import Scheduler
@@ -31,6 +33,7 @@ log = structlog.get_logger("rkllm_mqtt.daemon")
 
 EMBEDDED_HOST = "127.0.0.1"
 EXIT_BROKER = exit_codes.EMBEDDED_BROKER_FAILED
+EXIT_API = exit_codes.API_FAILED
 STATUS_INTERVAL_S = 30.0
 # Below the unit's TimeoutStartSec (120 s).
 READY_AT_LATEST_S = 90.0
@@ -46,6 +49,8 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.door: MqttDoor | None = None
         self.transport: MqttTransport | None = None
+        self.finals: RetainedFinals | None = None
+        self.api: ApiServer | None = None
 
     def _announce_defaults(self) -> None:
         if self.settings.embedded_broker:
@@ -103,7 +108,21 @@ class Daemon:
             # amqtt speaks 3.1.1 only and never answers an MQTT 5 CONNECT with a Will.
             force_protocol="3.1.1" if s.embedded_broker else None,
         )
-        self.door.attach(self.transport)
+        if s.api.enabled:
+            # The HTTP front door (Ollama's API) on the same scheduler: one queue for the one NPU.
+            self.api = ApiServer(s, self.scheduler, runtime)
+            try:
+                self.api.start()
+            except ApiStartError as exc:
+                log.error("api_start_failed", error=str(exc), hint="free the port or set api.port")
+                self.api = None
+                if self.broker is not None:
+                    self.broker.stop()
+                self.notifier.close()
+                return EXIT_API
+        self.finals = RetainedFinals(self.transport, s.limits.final_retain_s)
+        self.finals.start()
+        self.door.attach(self.transport, self.finals)
         self.scheduler.start()
         self.door.start()
         # The transport first: the supervisor's first status change is then published, not refused.
@@ -153,8 +172,12 @@ class Daemon:
         self.notifier.stopping("stopping: finishing the running request")
         if self.scheduler is not None:
             self.scheduler.shutdown(self.settings.limits.shutdown_grace_s)
+        if self.api is not None:
+            self.api.stop()
         if self.door is not None:
             self.door.stop()
+        if self.finals is not None:
+            self.finals.stop()  # before the transport: the clears go out ahead of "offline"
         if self.transport is not None:
             self.transport.stop()
         if self.supervisor is not None:

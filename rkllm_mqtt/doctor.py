@@ -328,12 +328,11 @@ def check_abi(settings: Settings) -> CheckResult:
 
         decision = decide_abi(path, configured)
     except Exception as exc:  # AbiError: the message says what to set
-        return CheckResult(
-            name,
-            "FAIL",
-            str(exc),
-            'set runtime.abi = "1.2" for runtimes 1.2.1 to 1.2.3, or "1.3" for runtime 1.3.0',
-        )
+        from rkllm_mqtt.runtime.abi import abi_choice_hint
+
+        # A refusal for want of a version carries the hint for the log; here it gets its own line, once.
+        hint = abi_choice_hint(path)
+        return CheckResult(name, "FAIL", str(exc).replace(hint, "").strip(), hint)
     try:
         from rkllm_mqtt.runtime.binding import RkllmBinding
 
@@ -875,6 +874,9 @@ def run_checks(settings: Settings) -> list[CheckResult]:
         check_broker,
         check_homeassistant,
     ]
+    from rkllm_mqtt.api.preflight import check_api  # it builds on this module's CheckResult
+
+    checks.append(check_api)
     results: list[CheckResult] = []
     for check in checks:
         try:

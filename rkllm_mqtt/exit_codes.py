@@ -17,6 +17,7 @@ REQUEST_FAILED: Final = 5
 NO_ANSWER: Final = 6
 NODE_OFFLINE: Final = 7
 CHECK_FAILED: Final = 8
+API_FAILED: Final = 9
 
 MEANINGS: Final[dict[int, str]] = {
     OK: "success",
@@ -28,4 +29,5 @@ MEANINGS: Final[dict[int, str]] = {
     NO_ANSWER: "no final answer within --timeout",
     NODE_OFFLINE: "the node is offline, or unknown on this broker",
     CHECK_FAILED: "at least one check FAILed",
+    API_FAILED: "the Ollama API cannot listen (most often: its port is taken)",
 }

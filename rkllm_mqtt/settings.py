@@ -191,6 +191,13 @@ class LimitsSettings(_Section):
         default_factory=lambda: ["{base_topic}/reply"],
         description="Reply topics a request may name must lie under one of these ({base_topic} is replaced).",
     )
+    final_retain_s: int = Field(
+        60,
+        ge=0,
+        le=86400,
+        description="Keep each final response retained this long, so a client that subscribes after asking still "
+        "gets it (MQTT 5: message expiry; 3.1.1: the bridge clears it). 0: finals are not retained.",
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On stop, how long the running request may finish before it is aborted."
     )
@@ -215,6 +222,25 @@ class ClusterSettings(_Section):
     group: str = Field("rkllm", description="Shared subscription group name.")
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class ApiSettings(_Section):
+    enabled: bool = Field(False, description="Serve the Ollama-compatible HTTP API (Home Assistant Assist).")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the API listens on. Anything but loopback exposes the NPU to the network: set a token.",
+    )
+    port: int = Field(11434, ge=1, le=65535, description="TCP port of the API (Ollama's own port by default).")
+    token: SecretStr | None = Field(
+        None, description="When set, every API request must carry 'Authorization: Bearer <token>'."
+    )
+
+    @property
+    def loopback_only(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
     format: Literal["console", "json"] | None = Field(
@@ -233,6 +259,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     # Where the file values came from; set by load_settings, not a setting itself.

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 
 # MQTT encodes a topic name with a 16-bit length.
 MQTT_MAX_TOPIC_BYTES = 65535
-# Mosquitto 2.0 closes the connection on a PUBLISH whose topic has more than 201 levels (it counts the
-# '/' separators against a limit of 200); the bridge keeps below that.
-MAX_TOPIC_LEVELS = 200
+# Brokers limit the levels of a topic: Mosquitto 2.0 closes the connection on a PUBLISH to a topic of more than 201
+# levels, and EMQX refuses more than its max_topic_levels (default 128). The bridge keeps within the lower one.
+MAX_TOPIC_LEVELS = 128
 
 
 def _refused_characters() -> re.Pattern[str]:

@@ -35,9 +35,9 @@ def test_embedded_broker_routes_messages(amqtt_broker: EmbeddedBroker) -> None:
     client.loop_start()
     try:
         client.subscribe(topic, qos=1)
-        assert subscribed.wait(5)
-        client.publish(topic, b"world", qos=1).wait_for_publish(5)
-        assert received.wait(5)
+        assert subscribed.wait(60)
+        client.publish(topic, b"world", qos=1).wait_for_publish(60)
+        assert received.wait(60)
         assert payloads == [b"world"]
     finally:
         client.loop_stop()
@@ -65,7 +65,7 @@ def test_serve_exits_non_zero_when_the_embedded_port_is_taken() -> None:
             check=False,
             capture_output=True,
             text=True,
-            timeout=30,
+            timeout=300,
             env=env,
         )
     assert result.returncode == exit_codes.EMBEDDED_BROKER_FAILED

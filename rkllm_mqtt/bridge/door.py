@@ -36,6 +36,7 @@ from rkllm_mqtt.bridge.requests import (
     parse_request,
     reply_topic_problem,
 )
+from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.bridge.transport import IncomingMessage
 from rkllm_mqtt.core.jobs import GenerationRequest, Job, Refused
 from rkllm_mqtt.core.scheduler import RUNTIME_FAILURES, Scheduler
@@ -127,8 +128,8 @@ class MqttDoor:
 
     # -- wiring -----------------------------------------------------------------------------------------
 
-    def attach(self, transport: Publishing) -> None:
-        self.publisher = Publisher(transport, self.topics)
+    def attach(self, transport: Publishing, finals: RetainedFinals | None = None) -> None:
+        self.publisher = Publisher(transport, self.topics, finals)
 
     def subscriptions(self) -> list[str]:
         topics = [self.topics.prompt, self.topics.abort, self.topics.clear]

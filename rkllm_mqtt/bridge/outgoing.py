@@ -51,11 +51,12 @@ def publish_packet_size(
     v5: bool,
     correlation_data: bytes | None = None,
     response_topic: str | None = None,
+    expires: bool = False,
 ) -> int:
     """Bytes of the PUBLISH packet paho builds for this message (fixed header included), as MQTT counts them."""
     remaining = 2 + len(topic.encode("utf-8")) + (2 if qos > 0 else 0) + len(payload)
     if v5:
-        properties = 0
+        properties = 1 + 4 if expires else 0  # Message Expiry Interval: identifier and a four-byte integer
         if correlation_data is not None:
             properties += 1 + 2 + len(correlation_data)
         if response_topic is not None:
@@ -73,6 +74,7 @@ def publish_problem(
     correlation_data: bytes | None = None,
     response_topic: str | None = None,
     max_packet_bytes: int | None = None,
+    expires: bool = False,
 ) -> str | None:
     """Why the broker would refuse this PUBLISH (and drop the connection), or None when it takes it.
 
@@ -91,7 +93,13 @@ def publish_problem(
     if max_packet_bytes is None and len(payload) <= MQTT_MAX_REMAINING_LENGTH - _MAX_OVERHEAD_BYTES:
         return None  # no broker limit, and far below MQTT's: nothing to count
     size = publish_packet_size(
-        topic, payload, qos=qos, v5=v5, correlation_data=correlation_data, response_topic=response_topic
+        topic,
+        payload,
+        qos=qos,
+        v5=v5,
+        correlation_data=correlation_data,
+        response_topic=response_topic,
+        expires=expires,
     )
     limit = MQTT_MAX_PACKET_BYTES if max_packet_bytes is None else max_packet_bytes
     if size > limit:

@@ -7,6 +7,7 @@ from typing import Protocol
 
 import structlog
 
+from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.payloads import (
     ErrorEvent,
     ErrorInfo,
@@ -47,9 +48,10 @@ class Publishing(Protocol):
 class Publisher:
     # QoS 1 throughout: paho keeps QoS 1 messages while disconnected and sends them after the
     # reconnect, so no chunk, status or final response is lost to a broker restart.
-    def __init__(self, transport: Publishing, topics: Topics) -> None:
+    def __init__(self, transport: Publishing, topics: Topics, finals: RetainedFinals | None = None) -> None:
         self.transport = transport
         self.topics = topics
+        self.finals = finals
 
     def congested(self) -> bool:
         """The broker is behind by MAX_BACKLOG messages: a stream should merge its text rather than queue more."""
@@ -72,12 +74,12 @@ class Publisher:
         self.transport.publish(reply.status, status.to_json(), qos=1, correlation_data=correlation)
 
     def final(self, reply: ReplyTopics, response: FinalResponse, correlation: bytes | None) -> None:
-        if self.transport.publish(reply.final, response.to_json(), qos=1, correlation_data=correlation) is not None:
+        if self._send_final(reply.final, response.to_json(), correlation) is not None:
             return
         # The transport refused it (and logged why): a final the broker would not take. The request is still
         # answered, on its default topic, and without its text when the text is what made it too large.
         default = self.topics.response(response.id)
-        if default != reply.final and self.transport.publish(default, response.to_json(), qos=1) is not None:
+        if default != reply.final and self._send_final(default, response.to_json(), None) is not None:
             return
         stripped = response.model_copy(
             update={
@@ -90,7 +92,12 @@ class Publisher:
                 ),
             }
         )
-        self.transport.publish(default, stripped.to_json(), qos=1)
+        self._send_final(default, stripped.to_json(), None)
+
+    def _send_final(self, topic: str, payload: bytes, correlation: bytes | None) -> object:
+        if self.finals is not None:  # retained for a while, so a late subscriber still gets it
+            return self.finals.publish(topic, payload, correlation)
+        return self.transport.publish(topic, payload, qos=1, correlation_data=correlation)
 
     def last(self, response: FinalResponse) -> None:
         self.transport.publish(self.topics.last, response.to_json(), qos=1, retain=True)

@@ -117,6 +117,11 @@ class MqttTransport:
         return self._connected.is_set()
 
     @property
+    def expires_messages(self) -> bool:
+        """Connected with MQTT 5, where a publish can carry a Message Expiry Interval."""
+        return self.protocol == "5"
+
+    @property
     def is_v5(self) -> bool:
         return self.protocol in ("5", "auto")
 
@@ -309,6 +314,17 @@ class MqttTransport:
         self._last_properties = (key, properties)
         return properties
 
+    @staticmethod
+    def _expiring_properties(correlation_data: bytes | None, response_topic: str | None, expiry_s: int) -> Properties:
+        """Properties of a message the broker drops after ``expiry_s`` (one per final response: not cached)."""
+        properties = Properties(PacketTypes.PUBLISH)
+        if correlation_data is not None:
+            properties.CorrelationData = correlation_data
+        if response_topic is not None:
+            properties.ResponseTopic = response_topic
+        properties.MessageExpiryInterval = expiry_s
+        return properties
+
     def publish(
         self,
         topic: str,
@@ -318,6 +334,7 @@ class MqttTransport:
         retain: bool = False,
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
+        expiry_s: int | None = None,
     ) -> mqtt.MQTTMessageInfo | None:
         client = self._client
         if client is None:
@@ -333,12 +350,15 @@ class MqttTransport:
             correlation_data=correlation_data,
             response_topic=response_topic,
             max_packet_bytes=self._max_packet_bytes,
+            expires=bool(expiry_s),
         )
         if problem is not None:
             log.error("mqtt_publish_refused", topic=quote_input(topic, 200), reason=problem)
             return None
         properties = None
-        if (correlation_data is not None or response_topic is not None) and self.protocol == "5":
+        if self.protocol == "5" and expiry_s:
+            properties = self._expiring_properties(correlation_data, response_topic, expiry_s)
+        elif (correlation_data is not None or response_topic is not None) and self.protocol == "5":
             properties = self._properties(correlation_data, response_topic)
         info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):

@@ -421,7 +421,10 @@ class RuntimeSupervisor:
                 raise RequestError("unsupported", refusal)
             system = self.system_prompt(request)
             command = self._run_command(request, system)
-            command["clear_first"] = self._kv.begin(request.session, system)
+            if request.replay_prompt is not None and not self._kv.holds(request.session, system, request.tools):
+                # The cache does not hold this conversation (any more): prefill all of it.
+                command["prompt"], command["role"] = request.replay_prompt, "user"
+            command["clear_first"] = self._kv.begin(request.session, system, request.tools)
             dirty = True
             try:
                 outcome = RunLoop(
@@ -436,7 +439,7 @@ class RuntimeSupervisor:
                 ).execute()
                 dirty = outcome.dirty
             finally:
-                self._kv.end(request.session, system, dirty=dirty)
+                self._kv.end(request.session, system, dirty=dirty, tools=request.tools)
             if outcome.worker_lost is not None:
                 self._set_status("restarting", outcome.worker_lost)
                 if outcome.result.error_code == "runtime_hung":
@@ -451,6 +454,9 @@ class RuntimeSupervisor:
             "system": system,
             "keep_history": request.session is not None,
             "lora_name": adapters[0].name if adapters else None,
+            "role": request.role,
+            "enable_thinking": request.enable_thinking,
+            "tools": request.tools,
         }
         if self.abi == "1.2":
             command["enforce_cap"] = cap  # 1.2 has no per-run cap: the worker stops generation itself
