@@ -181,6 +181,14 @@ class ClusterSettings(_Section):
     group: str = Field("rkllm", description="Shared subscription group name.")
 
 
+class DaemonSettings(_Section):
+    state_dir: Path | None = Field(
+        None,
+        description="Directory for the daemon's state (the record of answered request ids). Unset: systemd's "
+        "StateDirectory (/var/lib/rkllm-mqtt) when writable, else $XDG_STATE_HOME/rkllm-mqtt.",
+    )
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
     format: Literal["console", "json"] | None = Field(
@@ -201,6 +209,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     # Where the file values came from; set by load_settings, not a setting itself.
@@ -264,6 +273,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "limits": LimitsSettings,
     "homeassistant": HomeAssistantSettings,
     "cluster": ClusterSettings,
+    "daemon": DaemonSettings,
     "logging": LoggingSettings,
 }
 

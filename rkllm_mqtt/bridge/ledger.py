@@ -1,0 +1,198 @@
+"""The durable record of settled request ids: what this node has answered, kept across a crash.
+
+A request is *settled* once its final response is out (or it was rejected, or handed to a peer). The id is
+written here before the broker is told the request was received (the PUBACK), so that a request the broker
+delivers again after a crash is recognised and not answered a second time.
+
+The file is append-only, one record a line: ``<unix time> <request id>\\n``. Each append is followed by
+``fdatasync``, so a record that ``settle()`` returned for survives a power cut. A crash can tear the last line:
+on opening, a last line without its newline, and any line that does not parse, are dropped. The file is
+compacted (rewritten to a temporary file, synced, renamed over) on opening and whenever it has grown to twice
+the records it keeps, so its size stays bounded and a settle costs one small write and one sync.
+
+Bounded twice: at most ``keep`` ids, none older than ``max_age_s`` (the broker stops redelivering a prompt once
+the session it was queued for expires, so older ids are of no use).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_KEEP = 10_000
+# Well beyond the transport's session expiry (one hour): a redelivery cannot come later than that.
+DEFAULT_MAX_AGE_S = 24 * 3600.0
+FILE_PREFIX = "settled-"
+FILE_SUFFIX = ".log"
+
+
+SYSTEM_STATE_DIR = Path("/var/lib/rkllm-mqtt")
+
+
+def resolve_state_dir(configured: Path | None) -> Path:
+    """Where the daemon keeps its state: the setting, else systemd's StateDirectory, else a per-user directory.
+
+    systemd passes the StateDirectory it created in ``$STATE_DIRECTORY``; outside systemd the system directory is
+    used when it exists and is writable (never created here: that is the package's or systemd's job).
+    """
+    if configured is not None:
+        return configured
+    from_systemd = os.environ.get("STATE_DIRECTORY")
+    if from_systemd:
+        return Path(from_systemd.split(":")[0])
+    if SYSTEM_STATE_DIR.is_dir() and os.access(SYSTEM_STATE_DIR, os.W_OK | os.X_OK):
+        return SYSTEM_STATE_DIR
+    xdg = os.environ.get("XDG_STATE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".local" / "state"
+    return base / "rkllm-mqtt"
+
+
+def ledger_path(state_dir: Path, node_id: str) -> Path:
+    """One file per node id: several nodes may share a state directory (tests, one host in a cluster)."""
+    return state_dir / f"{FILE_PREFIX}{node_id}{FILE_SUFFIX}"
+
+
+def _parse(line: bytes) -> tuple[float, str] | None:
+    """A record, or None for anything that is not one (a torn or corrupted line)."""
+    try:
+        text = line.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    stamp, sep, request_id = text.partition(" ")
+    if not sep or not request_id or any(ch.isspace() for ch in request_id):
+        return None
+    try:
+        when = float(stamp)
+    except ValueError:
+        return None
+    if not math.isfinite(when):
+        return None
+    return when, request_id
+
+
+class SettledLedger:
+    """Settled request ids in memory (for ``contains``) and on disk (for the next start)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        keep: int = DEFAULT_KEEP,
+        max_age_s: float = DEFAULT_MAX_AGE_S,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.path = path
+        self.keep = keep
+        self.max_age_s = max_age_s
+        self.clock = clock
+        self._ids: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._records_in_file = 0
+
+    # -- lifecycle ------------------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Read what a previous run recorded (dropping a torn last line), compact, and open for appending."""
+        with self._lock:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            dropped = 0
+            try:
+                data = self.path.read_bytes()
+            except FileNotFoundError:
+                data = b""
+            lines = data.split(b"\n")
+            # The part after the last newline is a record whose write was cut short: never complete, ignored.
+            if lines and lines[-1] != b"":
+                dropped += 1
+            for line in lines[:-1]:
+                record = _parse(line)
+                if record is None:
+                    dropped += 1
+                    continue
+                when, request_id = record
+                self._ids.pop(request_id, None)
+                self._ids[request_id] = when
+            self._trim()
+            self._rewrite()
+            log.info("ledger_opened", path=str(self.path), ids=len(self._ids), dropped_lines=dropped)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    # -- use --------------------------------------------------------------------------------------------
+
+    def contains(self, request_id: str) -> bool:
+        with self._lock:
+            when = self._ids.get(request_id)
+            return when is not None and self.clock() - when <= self.max_age_s
+
+    def settle(self, request_id: str) -> None:
+        """Record ``request_id`` durably; returns once the record is on disk."""
+        if not request_id or any(ch.isspace() for ch in request_id) or not request_id.isascii():
+            raise ValueError(f"not a recordable request id: {request_id!r}")
+        with self._lock:
+            if self._fd is None:
+                raise RuntimeError("the ledger is not open")
+            now = self.clock()
+            os.write(self._fd, f"{now:.3f} {request_id}\n".encode("ascii"))
+            os.fdatasync(self._fd)
+            self._ids.pop(request_id, None)
+            self._ids[request_id] = now
+            self._records_in_file += 1
+            self._trim()
+            if self._records_in_file >= 2 * max(self.keep, 1):
+                self._rewrite()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._ids)
+
+    # -- internals (lock held) --------------------------------------------------------------------------
+
+    def _trim(self) -> None:
+        horizon = self.clock() - self.max_age_s
+        while self._ids:
+            oldest_id, oldest_at = next(iter(self._ids.items()))
+            if len(self._ids) <= self.keep and oldest_at >= horizon:
+                break
+            del self._ids[oldest_id]
+
+    def _rewrite(self) -> None:
+        """Replace the file by the records kept: temporary file, fsync, rename, fsync of the directory."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        body = "".join(f"{when:.3f} {request_id}\n" for request_id, when in self._ids.items()).encode("ascii")
+        fd, tmp_name = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "wb") as tmp:
+                tmp.write(body)
+                tmp.flush()
+                os.fsync(tmp.fileno())
+            os.replace(tmp_name, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+            raise
+        dir_fd = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        self._records_in_file = len(self._ids)
