@@ -1,13 +1,28 @@
-"""rkllm-mqtt: an MQTT bridge for Rockchip's RKLLM runtime."""
+"""rkllm-mqtt: an MQTT bridge for Rockchip's RKLLM runtime.
 
-import sys
+Importing the package does nothing but define it; ``__version__`` is read from the installed package's
+metadata (``pyproject.toml`` is its one source) the first time it is asked for.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import metadata
 
 __all__ = ["__version__"]
 
-__version__ = "0.1.0"
+DISTRIBUTION = "rkllm-mqtt"
 
-# structlog pretty-prints exceptions with rich whenever rich is importable, and amqtt's dependencies (typer)
-# install it: importing it costs every process of the daemon ~5 MB of RSS and ~45 ms per start, for logs that
-# are JSON lines or plain console text. None in sys.modules makes ``import rich`` fail, so structlog keeps
-# plain tracebacks; setdefault leaves a rich that something imported earlier alone.
-sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
+
+@lru_cache(maxsize=1)
+def _version() -> str:
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return "0+unknown"
+
+
+def __getattr__(name: str) -> str:
+    if name == "__version__":
+        return _version()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

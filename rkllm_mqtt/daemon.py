@@ -1,4 +1,11 @@
-"""``rkllm-mqtt serve``: wires the broker, the runtime supervisor, the bridge and the transport."""
+"""``rkllm-mqtt serve``: wires the broker, the runtime, the scheduler, the front doors and their extensions.
+
+Start order: the runtime supervisor object, the scheduler on it, each front door on the scheduler (the MQTT door
+with its transport and extensions), then the threads: scheduler, doors, transport, and the supervisor last, so
+that its first status change is published. Stop order is the reverse of what depends on what: the scheduler
+first (queued requests answered, the running one given its grace), then the doors, the transport, the runtime.
+A new front door is built in ``start`` beside the MQTT one, on the same scheduler, and stopped in ``stop``.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +18,12 @@ from types import FrameType
 import structlog
 
 from rkllm_mqtt import __version__
-from rkllm_mqtt.bridge.service import Bridge
+from rkllm_mqtt.bridge.door import MqttDoor
 from rkllm_mqtt.bridge.transport import MqttTransport, Subscription
 from rkllm_mqtt.broker import BrokerStartError, EmbeddedBroker
+from rkllm_mqtt.core.scheduler import Scheduler
+from rkllm_mqtt.core.supervisor_runner import SupervisorRunner
+from rkllm_mqtt.ha.extension import home_assistant_extension
 from rkllm_mqtt.runtime.supervisor import RuntimeSupervisor
 from rkllm_mqtt.sdnotify import SystemdNotifier
 from rkllm_mqtt.settings import Settings
@@ -34,7 +44,8 @@ class Daemon:
         self.stop_requested = threading.Event()
         self.broker: EmbeddedBroker | None = None
         self.supervisor: RuntimeSupervisor | None = None
-        self.bridge: Bridge | None = None
+        self.scheduler: Scheduler | None = None
+        self.door: MqttDoor | None = None
         self.transport: MqttTransport | None = None
 
     def _announce_defaults(self) -> None:
@@ -73,38 +84,42 @@ class Daemon:
             host = EMBEDDED_HOST
         self.notifier.open()
         self.supervisor = RuntimeSupervisor(s, on_change=self._runtime_changed)
-        self.bridge = Bridge(s, self.supervisor)
+        runtime = SupervisorRunner(self.supervisor)
+        self.scheduler = Scheduler(runtime, queue_size=s.limits.queue_size, hang_grace_s=s.limits.hang_grace_s)
+        self.door = MqttDoor(s, self.scheduler, runtime, extensions=[home_assistant_extension(s)])
+        self.scheduler.observe(self.door)
         self.transport = MqttTransport(
             s.mqtt,
             host=host,
-            availability_topic=self.bridge.topics.availability,
-            subscriptions=[Subscription(topic) for topic in self.bridge.subscriptions()],
-            on_message=self.bridge.on_message,
-            on_connected=self.bridge.on_connected,
+            availability_topic=self.door.topics.availability,
+            subscriptions=[Subscription(topic) for topic in self.door.subscriptions()],
+            on_message=self.door.on_message,
+            on_connected=self.door.on_connected,
             # amqtt speaks 3.1.1 only and never answers an MQTT 5 CONNECT with a Will.
             force_protocol="3.1.1" if s.embedded_broker else None,
         )
-        self.bridge.attach(self.transport)
-        self.bridge.start()
+        self.door.attach(self.transport)
+        self.scheduler.start()
+        self.door.start()
         # The transport first: the supervisor's first status change is then published, not refused.
         self.transport.start()
         self.supervisor.start()
         return 0
 
     def _runtime_changed(self) -> None:
-        if self.bridge is not None:
-            self.bridge.on_runtime_change()
+        if self.door is not None:
+            self.door.on_runtime_change()
 
     def status_text(self) -> str:
         """The line ``systemctl status`` shows."""
-        assert self.bridge is not None and self.transport is not None
+        assert self.door is not None and self.transport is not None
         where = f"{self.transport.host}:{self.settings.mqtt.port}"
         link = f"connected to {where}" if self.transport.connected else f"connecting to {where}"
-        return f"{link}; {self.bridge.status_line()}"
+        return f"{link}; {self.door.status_line()}"
 
     def run(self) -> None:
         """Serve until a stop is requested, telling systemd how things are going."""
-        assert self.bridge is not None and self.transport is not None and self.supervisor is not None
+        assert self.door is not None and self.transport is not None and self.supervisor is not None
         ready_sent = False
         last_status = ""
         started = time.monotonic()
@@ -121,7 +136,7 @@ class Daemon:
                     self.notifier.ready(self.status_text())
                     ready_sent = True
                     log.info("ready", runtime=self.supervisor.status, connected=self.transport.connected)
-            if interval and self.bridge.healthy(now):
+            if interval and self.door.healthy(now):
                 self.notifier.watchdog()
             line = self.status_text()
             if line != last_status or now >= next_status:
@@ -131,8 +146,10 @@ class Daemon:
     def stop(self) -> None:
         log.info("stopping", grace_s=self.settings.limits.shutdown_grace_s)
         self.notifier.stopping("stopping: finishing the running request")
-        if self.bridge is not None:
-            self.bridge.stop(self.settings.limits.shutdown_grace_s)
+        if self.scheduler is not None:
+            self.scheduler.shutdown(self.settings.limits.shutdown_grace_s)
+        if self.door is not None:
+            self.door.stop()
         if self.transport is not None:
             self.transport.stop()
         if self.supervisor is not None:

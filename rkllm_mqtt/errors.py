@@ -1,4 +1,4 @@
-"""The error hierarchy. Every error carries one of the codes of the contract (SPEC §5).
+"""The error hierarchy. Every error carries one of the codes of the contract (docs/topics.md, "Error codes").
 
 Errors are raised where they happen and converted to payloads only at the MQTT boundary,
 so the code travels with the exception instead of being guessed from its text.

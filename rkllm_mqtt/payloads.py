@@ -1,11 +1,14 @@
-"""The payloads of the contract (SPEC §3-§5) as typed models.
+"""The payloads of the contract (docs/topics.md) as typed models.
 
 Everything the bridge publishes is built from one of these, so a field cannot be misspelled in one
 place and right in another. Unknown fields are allowed on output models only through explicit fields.
+The one exception is the stream chunk, built by :func:`stream_chunk_json` on the per-token path without a
+model (a test holds it equal to :class:`StreamChunk`).
 """
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Literal
 
@@ -67,6 +70,17 @@ class StreamChunk(_Out):
     text: str
 
 
+def stream_chunk_prefix(request_id: str) -> bytes:
+    """The start of every chunk of one stream, up to the value of ``seq``; built once per request."""
+    return b'{"id":' + json.dumps(request_id, ensure_ascii=False).encode("utf-8") + b',"seq":'
+
+
+def stream_chunk_json(prefix: bytes, seq: int, text: str) -> bytes:
+    """A :class:`StreamChunk` as JSON, without building and validating a model for each token."""
+    body = json.dumps(text, ensure_ascii=False).encode("utf-8")
+    return b'%s%d,"text":%s}' % (prefix, seq, body)
+
+
 class RequestStatus(_Out):
     id: str
     status: Literal["queued", "started"]
@@ -79,6 +93,8 @@ class StatePayload(_Out):
     queue_depth: int = 0
     requests_total: int = 0
     errors_total: int = 0
+    rejected_total: int = 0
+    request_source: str | None = None
     tokens_per_s: float | None = None
     ttft_ms: float | None = None
 
@@ -86,7 +102,7 @@ class StatePayload(_Out):
 class HealthPayload(_Out):
     status: HealthStatus
     runtime: RuntimeStatus
-    uptime_s: float
+    started_at: float
     last_error: str | None = None
     restarts: int = 0
     version: str = ""

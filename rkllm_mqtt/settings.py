@@ -173,6 +173,10 @@ class LimitsSettings(_Section):
 class HomeAssistantSettings(_Section):
     enabled: bool = Field(True, description="Publish Home Assistant MQTT discovery.")
     discovery_prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix.")
+    status_topic: str = Field(
+        "homeassistant/status",
+        description="Where Home Assistant publishes its birth message ('online'); discovery is re-announced then.",
+    )
     device_name: str | None = Field(None, description="Device name in Home Assistant. Unset: 'RKLLM <node_id>'.")
 
 

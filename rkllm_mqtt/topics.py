@@ -1,4 +1,4 @@
-"""Topic names of the contract (SPEC §3), in one place."""
+"""Topic names of the contract (docs/topics.md), in one place."""
 
 from __future__ import annotations
 

@@ -309,7 +309,8 @@ def test_disabled_discovery_publishes_nothing_and_removes_everything() -> None:
 def test_subscriptions_and_status_topic() -> None:
     settings = make_settings()
     assert discovery_subscriptions(settings) == [f"{PREFIX}/+/{NODE}/+/config"]
-    assert ha_status_topic(settings) == f"{PREFIX}/status"
+    assert ha_status_topic(settings) == "homeassistant/status"  # Home Assistant's default, whatever the prefix
+    assert ha_status_topic(make_settings(status_topic="site/ha-status")) == "site/ha-status"
     assert is_ha_online(b"online") and not is_ha_online(b"offline")
     nested = Settings(mqtt={"node_id": NODE}, homeassistant={"discovery_prefix": "site/ha"})
     assert is_own_config_topic(nested, f"site/ha/sensor/{NODE}/x/config")
@@ -407,9 +408,9 @@ def test_state_driven_templates_render_from_the_daemon_payloads() -> None:
     assert _render(all_configs[("sensor", "tokens_per_second")]["value_template"], busy) == "12.5"
     # Home Assistant turns the rendered "None" of a numeric sensor into "unknown".
     assert _render(all_configs[("sensor", "time_to_first_token")]["value_template"], idle) == "None"
-    ok = HealthPayload(status="ok", runtime="ready", uptime_s=3.0).to_json()
+    ok = HealthPayload(status="ok", runtime="ready", started_at=1_700_000_000.0).to_json()
     failed = HealthPayload(
-        status="error", runtime="failed", uptime_s=3.0, last_error="model not found: /x.rkllm"
+        status="error", runtime="failed", started_at=1_700_000_000.0, last_error="model not found: /x.rkllm"
     ).to_json()
     assert _render(all_configs[("binary_sensor", "problem")]["value_template"], ok) == "OFF"
     assert _render(all_configs[("binary_sensor", "problem")]["value_template"], failed) == "ON"

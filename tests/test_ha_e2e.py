@@ -37,7 +37,10 @@ def test_discovery_is_published_reannounced_and_stale_configs_cleared(
         probe.publish(stale, json.dumps({"name": "old"}), retain=True)
         probe.publish(foreign, json.dumps({"name": "not ours"}), retain=True)
         daemon = Daemon(
-            tmp_path, amqtt_broker.port, node=node, homeassistant={"discovery_prefix": prefix, "enabled": True}
+            tmp_path,
+            amqtt_broker.port,
+            node=node,
+            homeassistant={"discovery_prefix": prefix, "status_topic": f"{prefix}/status", "enabled": True},
         ).start()
         wait_ready(probe, daemon)
         probe.wait_for(lambda msgs: len([t for t, p in configs(probe, prefix, node).items() if p]) >= ENTITY_COUNT)

@@ -1,7 +1,8 @@
-"""Everything the bridge publishes, each payload on its topic with its QoS and retain flag (SPEC §3)."""
+"""Everything the bridge publishes, each payload on its topic with its QoS and retain flag (docs/topics.md)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 import structlog
@@ -13,7 +14,6 @@ from rkllm_mqtt.payloads import (
     ModelInfo,
     RequestStatus,
     StatePayload,
-    StreamChunk,
 )
 from rkllm_mqtt.topics import ReplyTopics, Topics
 
@@ -57,8 +57,15 @@ class Publisher:
     def reply_topics(self, request_id: str, reply_topic: str | None) -> ReplyTopics:
         return ReplyTopics(reply_topic or self.topics.response(request_id))
 
-    def chunk(self, reply: ReplyTopics, chunk: StreamChunk, correlation: bytes | None) -> None:
-        self.transport.publish(reply.stream, chunk.to_json(), qos=1, correlation_data=correlation)
+    def chunk_sender(self, reply: ReplyTopics, correlation: bytes | None) -> Callable[[bytes], None]:
+        """Publishes one request's stream chunks (ready JSON): the topic and properties are bound once."""
+        publish = self.transport.publish
+        topic = reply.stream
+
+        def send(payload: bytes) -> None:
+            publish(topic, payload, qos=1, correlation_data=correlation)
+
+        return send
 
     def status(self, reply: ReplyTopics, status: RequestStatus, correlation: bytes | None) -> None:
         self.transport.publish(reply.status, status.to_json(), qos=1, correlation_data=correlation)

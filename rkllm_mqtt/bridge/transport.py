@@ -117,9 +117,6 @@ class MqttTransport:
     def is_v5(self) -> bool:
         return self.protocol in ("5", "auto")
 
-    def wait_connected(self, timeout: float) -> bool:
-        return self._connected.wait(timeout)
-
     # -- lifecycle ----------------------------------------------------------------------------
 
     def start(self) -> None:

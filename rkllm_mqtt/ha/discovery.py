@@ -56,8 +56,8 @@ class DiscoveryMessage:
 
 
 def ha_status_topic(settings: Settings) -> str:
-    """Where Home Assistant announces ``online``; discovery is published again when it does."""
-    return f"{settings.homeassistant.discovery_prefix}/status"
+    """Where Home Assistant announces ``online`` (``homeassistant.status_topic``); discovery is published again."""
+    return settings.homeassistant.status_topic
 
 
 def is_ha_online(payload: bytes) -> bool:

@@ -1,0 +1,451 @@
+"""The MQTT front door: messages in, jobs to the scheduler, everything the contract promises out (docs/topics.md).
+
+Threads: paho's network thread only offers messages to the dispatcher's inbox (:meth:`MqttDoor.on_message` never
+waits); the dispatcher thread routes them, parses requests, submits jobs, answers rejections, runs the
+extensions and publishes retained status; the scheduler's threads report each job through its
+:class:`~rkllm_mqtt.bridge.reporter.MqttJobReporter` and tell the door that the state changed (``on_change``).
+
+When the inbox is full, nothing acknowledged is dropped in silence: a prompt is answered ``queue_full`` (or with
+the reason it is malformed) at once, an abort or clear is carried out at once, on paho's thread, without waiting
+for anything; only messages that carry no request (a peer's state, a Home Assistant birth) are let go, counted
+and logged.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import structlog
+
+from rkllm_mqtt import __version__
+from rkllm_mqtt.bridge.cluster import PeerTable
+from rkllm_mqtt.bridge.dispatcher import Deadline, Dispatcher
+from rkllm_mqtt.bridge.extension import Extension
+from rkllm_mqtt.bridge.publisher import Publisher, Publishing
+from rkllm_mqtt.bridge.reporter import MqttJobReporter
+from rkllm_mqtt.bridge.requests import Rejection, Request, RequestRules, parse_request
+from rkllm_mqtt.bridge.transport import IncomingMessage
+from rkllm_mqtt.core.jobs import GenerationRequest, Job, Refused
+from rkllm_mqtt.core.scheduler import RUNTIME_FAILURES, Scheduler
+from rkllm_mqtt.payloads import (
+    BridgeStatus,
+    ErrorEvent,
+    ErrorInfo,
+    FinalResponse,
+    HealthPayload,
+    HealthStatus,
+    ModelInfo,
+    RuntimeStatus,
+    StatePayload,
+)
+from rkllm_mqtt.settings import Settings
+from rkllm_mqtt.topics import Topics
+
+log = structlog.get_logger(__name__)
+
+# Messages waiting for the dispatcher; past this, prompts are answered queue_full from paho's thread.
+INBOX_SIZE = 10000
+# While the inbox is full, one log line per this many messages handled on paho's thread.
+_OVERFLOW_LOG_EVERY = 1000
+_HEALTH: dict[RuntimeStatus, HealthStatus] = {
+    "ready": "ok",
+    "failed": "error",
+    "loading": "degraded",
+    "restarting": "degraded",
+}
+
+
+class RuntimeView(Protocol):
+    """What the door shows of the runtime (the worker supervisor)."""
+
+    @property
+    def status(self) -> RuntimeStatus: ...
+
+    @property
+    def last_error(self) -> str | None: ...
+
+    @property
+    def restarts(self) -> int: ...
+
+    @property
+    def model_info(self) -> ModelInfo | None: ...
+
+    def alive(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class _Connected:
+    pass
+
+
+@dataclass(frozen=True)
+class _RuntimeChanged:
+    pass
+
+
+InboxItem = IncomingMessage | _Connected | _RuntimeChanged
+
+
+class MqttDoor:
+    def __init__(
+        self,
+        settings: Settings,
+        scheduler: Scheduler,
+        runtime: RuntimeView,
+        extensions: Sequence[Extension] = (),
+    ) -> None:
+        self.settings = settings
+        self.scheduler = scheduler
+        self.runtime = runtime
+        self.extensions = list(extensions)
+        self.topics = Topics(settings.mqtt.base_topic, settings.mqtt.node_id)
+        self.node = self.topics.node
+        self.rules = RequestRules(
+            max_prompt_bytes=settings.limits.max_prompt_bytes,
+            request_timeout_s=settings.limits.request_timeout_s,
+            reply_prefixes=tuple(settings.reply_prefixes()),
+            forbidden_roots=(settings.homeassistant.discovery_prefix, self.topics.root),
+        )
+        self.cluster = settings.cluster.enabled
+        self.peers = PeerTable(self.topics)
+        self.publisher: Publisher | None = None
+        self.dispatcher: Dispatcher[InboxItem] = Dispatcher(self._handle, capacity=INBOX_SIZE)
+        self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
+        self._last_final: FinalResponse | None = None
+        self._state_lock = threading.Lock()  # retained state goes out in the order its snapshots were taken
+        self._overflowed = 0
+
+    # -- wiring -----------------------------------------------------------------------------------------
+
+    def attach(self, transport: Publishing) -> None:
+        self.publisher = Publisher(transport, self.topics)
+
+    def subscriptions(self) -> list[str]:
+        topics = [self.topics.prompt, self.topics.abort, self.topics.clear]
+        if self.cluster:
+            topics.append(self.topics.shared_group_prompt(self.settings.cluster.group))
+            topics.extend(self.peers.subscriptions())
+        for extension in self.extensions:
+            topics.extend(extension.subscriptions())
+        return topics
+
+    def start(self) -> None:
+        self.started_at = time.time()
+        self._started_monotonic = time.monotonic()
+        for extension in self.extensions:
+            extension.start(self)
+        self.dispatcher.start()
+
+    def stop(self) -> None:
+        """Stop the dispatcher (after what it holds) and the extensions. The scheduler is stopped before."""
+        self.dispatcher.stop()
+        for extension in self.extensions:
+            extension.stop()
+        self.on_change()
+
+    # -- hand-over points for foreign threads: never block ------------------------------------------------
+
+    def on_message(self, message: IncomingMessage) -> None:
+        """paho's thread."""
+        if not self.dispatcher.offer(message):
+            self._overflow(message)
+
+    def on_connected(self) -> None:
+        """paho's thread."""
+        self.dispatcher.put(_Connected())
+
+    def on_runtime_change(self) -> None:
+        """The supervisor's thread."""
+        self.dispatcher.put(_RuntimeChanged())
+
+    def on_change(self) -> None:
+        """The scheduler's observer: its snapshot changed. Any thread."""
+        if self.publisher is None:
+            return
+        with self._state_lock:
+            self.publisher.state(self.state_payload())
+
+    # -- what the door shows ------------------------------------------------------------------------------
+
+    def state_payload(self) -> StatePayload:
+        snap = self.scheduler.snapshot()
+        runtime = self.runtime.status
+        status: BridgeStatus
+        if snap.current_id is not None:
+            status = "busy"
+        elif runtime == "failed":
+            status = "error"
+        elif runtime in ("loading", "restarting"):
+            status = "loading"
+        else:
+            status = "idle"
+        return StatePayload(
+            status=status,
+            request_id=snap.current_id,
+            request_source=snap.current_source,
+            queue_depth=snap.queue_depth,
+            requests_total=snap.requests_total,
+            errors_total=snap.errors_total,
+            rejected_total=snap.rejected_total,
+            tokens_per_s=snap.tokens_per_s,
+            ttft_ms=snap.ttft_ms,
+        )
+
+    def health_payload(self) -> HealthPayload:
+        runtime = self.runtime.status
+        return HealthPayload(
+            status=_HEALTH[runtime],
+            runtime=runtime,
+            started_at=round(self.started_at, 3),
+            last_error=self.runtime.last_error if runtime != "ready" else self.scheduler.snapshot().last_error,
+            restarts=self.runtime.restarts,
+            version=__version__,
+        )
+
+    def status_line(self) -> str:
+        """One line for ``systemctl status``."""
+        state = self.state_payload()
+        model = self.runtime.model_info
+        runtime = f"runtime {self.runtime.status}"
+        if model is not None:
+            runtime += f" ({model.model_name}, abi {model.abi})"
+        parts = [runtime, f"{state.status}, queue {state.queue_depth}, {state.requests_total} requests"]
+        parts.append(f"up {_duration(time.monotonic() - self._started_monotonic)}")
+        error = self.runtime.last_error or self.scheduler.snapshot().last_error
+        if error:
+            parts.append(f"last error: {error[:120]}")
+        return "; ".join(parts)
+
+    def healthy(self, now: float | None = None) -> bool:
+        """For the systemd watchdog: the dispatcher and the runner are not wedged, the supervisor runs."""
+        now = time.monotonic() if now is None else now
+        return self.dispatcher.healthy(now) and self.scheduler.healthy(now) and self.runtime.alive()
+
+    def model_name(self) -> str | None:
+        info = self.runtime.model_info
+        return info.model_name if info else None
+
+    # -- the extension host (called by extensions on the dispatcher thread) ---------------------------------
+
+    def publish(self, topic: str, payload: bytes, *, retain: bool) -> None:
+        assert self.publisher is not None
+        self.publisher.raw(topic, payload, retain=retain)
+
+    def call_later(self, delay_s: float, action: Callable[[], None]) -> Deadline:
+        return self.dispatcher.call_later(delay_s, action)
+
+    def model_info(self) -> ModelInfo | None:
+        return self.runtime.model_info
+
+    def republish_status(self) -> None:
+        assert self.publisher is not None
+        self.publisher.health(self.health_payload())
+        self.on_change()
+        info = self.runtime.model_info
+        if info is not None:
+            self.publisher.model(info)
+        if self._last_final is not None:
+            self.publisher.last(self._last_final)
+
+    # -- the dispatcher thread --------------------------------------------------------------------------------
+
+    def _handle(self, item: InboxItem) -> None:
+        if isinstance(item, IncomingMessage):
+            self._route(item)
+        elif isinstance(item, _Connected):
+            self.republish_status()
+            for extension in self.extensions:
+                extension.on_connected()
+        else:
+            self.republish_status()
+            for extension in self.extensions:
+                extension.on_runtime_change()
+
+    def _route(self, message: IncomingMessage) -> None:
+        topic = message.topic
+        if topic == self.topics.prompt:
+            self._prompt(message)
+        elif self.cluster and topic == self.topics.group_prompt:
+            if not self._hand_off(message):
+                self._prompt(message)
+        elif topic == self.topics.abort:
+            if not message.retain:
+                self._abort(message.payload)
+        elif topic == self.topics.clear:
+            if not message.retain:
+                self._clear(message.payload)
+        elif self.cluster and self.peers.observe(topic, message.payload):
+            pass
+        else:
+            for extension in self.extensions:
+                if extension.on_message(message):
+                    return
+            # Anything else (a broker may re-send unrelated retained messages to new subscriptions) is ignored.
+
+    def _prompt(self, message: IncomingMessage) -> None:
+        if message.retain:
+            self._reject(Rejection("invalid_request", "retained prompts are ignored: publish without retain"))
+            return
+        parsed = parse_request(
+            message.payload,
+            rules=self.rules,
+            received_at=message.received_at,
+            property_reply_topic=message.response_topic,
+            correlation_data=message.correlation_data,
+        )
+        if isinstance(parsed, Rejection):
+            self._reject(parsed)
+        else:
+            self._submit(parsed)
+
+    def _submit(self, request: Request) -> None:
+        assert self.publisher is not None
+        reporter = MqttJobReporter(request, self.publisher, self, interval_ms=self.settings.limits.stream_interval_ms)
+        job = Job(
+            id=request.id,
+            request=GenerationRequest(
+                prompt=request.prompt,
+                timeout_s=max(0.001, request.timeout_s),
+                session=request.session,
+                system=request.system,
+                max_new_tokens=request.max_new_tokens,
+                sampling=request.sampling,
+            ),
+            reporter=reporter,
+            received_at=request.received_at,
+            source="mqtt",
+        )
+        admission = self.scheduler.submit(job)
+        if isinstance(admission, Refused):
+            # A refused id that is in use belongs to the pending request: its reply topic is not answered.
+            duplicate = admission.code == "invalid_request"
+            rejection = Rejection(
+                admission.code,
+                admission.message,
+                None if duplicate else request.id,
+                None if duplicate else request.reply_topic,
+                request.correlation_data,
+            )
+            self._reject(rejection, counted=True)
+
+    def _hand_off(self, message: IncomingMessage) -> bool:
+        """Pass a group request this node cannot start now to an idle peer. True when it was passed on."""
+        busy = self.scheduler.snapshot().busy or self.runtime.status != "ready"
+        if not busy or message.retain:
+            return False
+        peer = self.peers.pick_idle()
+        if peer is None:
+            return False  # every node is busy: queue it here (or answer queue_full), nothing is lost
+        assert self.publisher is not None
+        target = Topics(self.topics.base, peer).prompt
+        self.publisher.forward(target, message.payload, message.response_topic, message.correlation_data)
+        log.info("request_handed_off", peer=peer, topic=target)
+        return True
+
+    def _abort(self, payload: bytes) -> None:
+        request_id = payload.decode("utf-8", errors="replace").strip() or None
+        outcome = self.scheduler.abort(request_id)
+        if outcome == "not_found":
+            assert self.publisher is not None
+            self.publisher.error(
+                ErrorEvent(code="invalid_request", message=f"abort: no running or queued request with id {request_id}")
+            )
+        elif outcome == "idle":
+            log.info("abort_ignored", reason="nothing is running")
+
+    def _clear(self, payload: bytes) -> None:
+        self.scheduler.clear(payload.decode("utf-8", errors="replace").strip() or None)
+
+    # -- answers --------------------------------------------------------------------------------------------
+
+    def _reject(self, rejection: Rejection, *, counted: bool = False) -> None:
+        """Answer a request that will not run: an error event, and a final response when its id is known."""
+        assert self.publisher is not None
+        if not counted:
+            self.scheduler.record_rejection(rejection.code)
+        self.publisher.error(ErrorEvent(code=rejection.code, message=rejection.message, id=rejection.id))
+        if rejection.id is not None:
+            final = FinalResponse(
+                id=rejection.id,
+                state="error",
+                text="",
+                finish_reason="error",
+                error=ErrorInfo(code=rejection.code, message=rejection.message),
+                node=self.node,
+                model=self.model_name(),
+            )
+            self._publish_final(final, rejection.reply_topic, rejection.correlation_data, record_last=False)
+
+    def publish_final(self, final: FinalResponse, reply_topic: str | None, correlation: bytes | None) -> None:
+        """A job's final response (called by its reporter on the scheduler's thread)."""
+        assert self.publisher is not None
+        error = final.error
+        if error is not None and error.code not in ("aborted", "timeout"):
+            self.publisher.error(ErrorEvent(code=error.code, message=error.message, id=final.id))
+            if error.code in RUNTIME_FAILURES:
+                self.publisher.health(self.health_payload())
+        self._publish_final(final, reply_topic, correlation, record_last=True)
+
+    def _publish_final(
+        self, final: FinalResponse, reply_topic: str | None, correlation: bytes | None, *, record_last: bool
+    ) -> None:
+        assert self.publisher is not None
+        self.publisher.final(self.publisher.reply_topics(final.id, reply_topic), final, correlation)
+        if record_last:
+            self._last_final = final
+            self.publisher.last(final)
+        for extension in self.extensions:
+            extension.on_final(final)
+
+    # -- a full inbox: paho's thread ----------------------------------------------------------------------
+
+    def _overflow(self, message: IncomingMessage) -> None:
+        self._overflowed += 1
+        topic = message.topic
+        if topic == self.topics.prompt or (self.cluster and topic == self.topics.group_prompt):
+            handled = "answered"
+            parsed = parse_request(
+                message.payload,
+                rules=self.rules,
+                received_at=message.received_at,
+                property_reply_topic=message.response_topic,
+                correlation_data=message.correlation_data,
+            )
+            if isinstance(parsed, Rejection):
+                self._reject(parsed)
+            else:
+                self._reject(
+                    Rejection(
+                        "queue_full",
+                        f"the bridge's inbox holds {INBOX_SIZE} messages: try again later",
+                        parsed.id,
+                        parsed.reply_topic,
+                        parsed.correlation_data,
+                    )
+                )
+        elif topic in (self.topics.abort, self.topics.clear) and not message.retain:
+            handled = "carried out"
+            if topic == self.topics.abort:
+                self._abort(message.payload)
+            else:
+                self._clear(message.payload)
+        else:
+            handled = "dropped"
+        if self._overflowed % _OVERFLOW_LOG_EVERY == 1:
+            log.warning("inbox_full", capacity=INBOX_SIZE, topic=topic, handled=handled, overflowed=self._overflowed)
+
+
+def _duration(seconds: float) -> str:
+    minutes, _ = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    days, hours = divmod(hours, 24)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    return f"{minutes}m"
