@@ -235,6 +235,8 @@ class Daemon:
             "logging": {"format": "json", "level": "info"},
             # Discovery adds 16 retained configs per daemon to the shared test broker; the tests of it turn it on.
             "homeassistant": {"enabled": False},
+            # The record of answered request ids stays in the test's directory (and survives a restart in it).
+            "daemon": {"state_dir": str(self.workdir / "state")},
         }
         for name, values in self.sections.items():
             sections.setdefault(name, {}).update(values)

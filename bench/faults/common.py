@@ -90,12 +90,6 @@ class FaultDaemon(Daemon):
         self.model_file = workdir / f"model-{uuid.uuid4().hex[:6]}.rkllm"
         self.model_file.write_text(f"sim:{spec}\n")
         super().__init__(workdir, port, model=str(self.model_file), limits=limits, runtime=runtime, label="fault")
-        self.state_dir = workdir / "state"
-
-    def config(self) -> dict[str, dict[str, Any]]:
-        sections = super().config()
-        sections["daemon"] = {"state_dir": str(self.state_dir)}
-        return sections
 
     def set_spec(self, spec: str) -> None:
         tmp = self.model_file.with_suffix(".tmp")

@@ -9,10 +9,18 @@ When the inbox is full, nothing acknowledged is dropped in silence: a prompt is 
 the reason it is malformed) at once, an abort or clear is carried out at once, on paho's thread, without waiting
 for anything; only messages that carry no request (a peer's state, a Home Assistant birth) are let go, counted
 and logged.
+
+Settling (docs/reliability.md): a QoS 1 prompt arrives with a :class:`~rkllm_mqtt.bridge.acks.Delivery` and is
+acknowledged to the broker only once it is settled: its final response is with the broker, or it was handed to a
+peer, or it carried nothing to answer. Its id is written to the ledger of settled ids before the final goes out,
+so a prompt the broker sends again after a crash (DUP set) is recognised and not answered twice; a redelivered
+prompt whose request is still queued or running joins it instead of running again.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,9 +30,11 @@ from typing import Protocol
 import structlog
 
 from rkllm_mqtt import __version__
+from rkllm_mqtt.bridge.acks import Delivery
 from rkllm_mqtt.bridge.cluster import PeerTable
 from rkllm_mqtt.bridge.dispatcher import Deadline, Dispatcher
 from rkllm_mqtt.bridge.extension import Extension
+from rkllm_mqtt.bridge.ledger import SettledLedger
 from rkllm_mqtt.bridge.publisher import Publisher, Publishing
 from rkllm_mqtt.bridge.reporter import MqttJobReporter
 from rkllm_mqtt.bridge.requests import Rejection, Request, RequestRules, parse_request
@@ -32,6 +42,7 @@ from rkllm_mqtt.bridge.transport import IncomingMessage
 from rkllm_mqtt.core.jobs import GenerationRequest, Job, Refused
 from rkllm_mqtt.core.scheduler import RUNTIME_FAILURES, Scheduler
 from rkllm_mqtt.payloads import (
+    ID_PATTERN,
     BridgeStatus,
     ErrorEvent,
     ErrorInfo,
@@ -46,6 +57,7 @@ from rkllm_mqtt.settings import Settings
 from rkllm_mqtt.topics import Topics
 
 log = structlog.get_logger(__name__)
+_ID_RE = re.compile(ID_PATTERN)
 
 # Messages waiting for the dispatcher; past this, prompts are answered queue_full from paho's thread.
 INBOX_SIZE = 10000
@@ -57,6 +69,12 @@ _HEALTH: dict[RuntimeStatus, HealthStatus] = {
     "loading": "degraded",
     "restarting": "degraded",
 }
+
+
+class Settling(Protocol):
+    """The transport that acknowledges received prompts once they are settled."""
+
+    def settle(self, delivery: Delivery | None) -> None: ...
 
 
 class RuntimeView(Protocol):
@@ -97,6 +115,7 @@ class MqttDoor:
         scheduler: Scheduler,
         runtime: RuntimeView,
         extensions: Sequence[Extension] = (),
+        ledger: SettledLedger | None = None,
     ) -> None:
         self.settings = settings
         self.scheduler = scheduler
@@ -119,16 +138,33 @@ class MqttDoor:
         self._last_final: FinalResponse | None = None
         self._state_lock = threading.Lock()  # retained state goes out in the order its snapshots were taken
         self._overflowed = 0
+        self.ledger = ledger
+        self._acks: Settling | None = None
+        # QoS 1 deliveries waiting for their request's final, by request id (the dispatcher adds, the runner takes).
+        self._unsettled: dict[str, list[Delivery]] = {}
+        self._unsettled_lock = threading.Lock()
 
     # -- wiring -----------------------------------------------------------------------------------------
 
-    def attach(self, transport: Publishing) -> None:
+    def attach(self, transport: Publishing, acks: Settling | None = None) -> None:
+        """Publish through ``transport``; acknowledge settled prompts through ``acks`` (the prompts' connection)."""
         self.publisher = Publisher(transport, self.topics)
+        self._acks = acks
 
     def subscriptions(self) -> list[str]:
-        topics = [self.topics.prompt, self.topics.abort, self.topics.clear]
+        return self.prompt_subscriptions() + self.control_subscriptions()
+
+    def prompt_subscriptions(self) -> list[str]:
+        """Topics that carry requests: acknowledged when settled, so on a connection of their own."""
+        topics = [self.topics.prompt]
         if self.cluster:
             topics.append(self.topics.shared_group_prompt(self.settings.cluster.group))
+        return topics
+
+    def control_subscriptions(self) -> list[str]:
+        """Abort, clear and status topics: acknowledged on receipt, never behind unsettled prompts."""
+        topics = [self.topics.abort, self.topics.clear]
+        if self.cluster:
             topics.extend(self.peers.subscriptions())
         for extension in self.extensions:
             topics.extend(extension.subscriptions())
@@ -273,7 +309,13 @@ class MqttDoor:
         elif self.cluster and topic == self.topics.group_prompt:
             if not self._hand_off(message):
                 self._prompt(message)
-        elif topic == self.topics.abort:
+        else:
+            self._route_control(message)
+            self._settle(message.delivery)  # nothing to answer: settled once handled
+
+    def _route_control(self, message: IncomingMessage) -> None:
+        topic = message.topic
+        if topic == self.topics.abort:
             if not message.retain:
                 self._abort(message.payload)
         elif topic == self.topics.clear:
@@ -288,8 +330,10 @@ class MqttDoor:
             # Anything else (a broker may re-send unrelated retained messages to new subscriptions) is ignored.
 
     def _prompt(self, message: IncomingMessage) -> None:
+        delivery = message.delivery
         if message.retain:
             self._reject(Rejection("invalid_request", "retained prompts are ignored: publish without retain"))
+            self._settle(delivery)
             return
         parsed = parse_request(
             message.payload,
@@ -298,12 +342,49 @@ class MqttDoor:
             property_reply_topic=message.response_topic,
             correlation_data=message.correlation_data,
         )
+        if message.dup and self._seen_before(parsed.id, delivery):
+            return
         if isinstance(parsed, Rejection):
-            self._reject(parsed)
+            self._reject(parsed, delivery=delivery)
         else:
-            self._submit(parsed)
+            self._submit(parsed, delivery)
 
-    def _submit(self, request: Request) -> None:
+    def _seen_before(self, request_id: str | None, delivery: Delivery | None) -> bool:
+        """A prompt the broker sent again: True when it is answered already or still pending here."""
+        if request_id is None:
+            return False
+        if self.ledger is not None and self.ledger.contains(request_id):
+            log.info("request_redelivered", request_id=request_id, outcome="answered before")
+            self._settle(delivery)
+            return True
+        if delivery is not None:
+            with self._unsettled_lock:
+                pending = self._unsettled.get(request_id)
+                if pending is not None:
+                    pending.append(delivery)  # settled with the request already queued or running
+            if pending is not None:
+                log.info("request_redelivered", request_id=request_id, outcome="pending")
+                return True
+        return False
+
+    def _settle(self, delivery: Delivery | None) -> None:
+        if delivery is not None and self._acks is not None:
+            self._acks.settle(delivery)
+
+    def _take_unsettled(self, request_id: str) -> list[Delivery]:
+        with self._unsettled_lock:
+            return self._unsettled.pop(request_id, [])
+
+    def _record_settled(self, request_id: str) -> None:
+        """Durably, before the final goes out: across a crash a redelivered prompt is then not run again."""
+        if self.ledger is None:
+            return
+        try:
+            self.ledger.settle(request_id)
+        except (OSError, ValueError) as exc:
+            log.error("ledger_write_failed", request_id=request_id, error=str(exc))
+
+    def _submit(self, request: Request, delivery: Delivery | None = None) -> None:
         assert self.publisher is not None
         reporter = MqttJobReporter(request, self.publisher, self, interval_ms=self.settings.limits.stream_interval_ms)
         job = Job(
@@ -320,8 +401,16 @@ class MqttDoor:
             received_at=request.received_at,
             source="mqtt",
         )
+        registered = False
+        if delivery is not None:
+            with self._unsettled_lock:
+                if request.id not in self._unsettled:  # an id in use is refused below; its holder keeps the entry
+                    self._unsettled[request.id] = [delivery]
+                    registered = True
         admission = self.scheduler.submit(job)
         if isinstance(admission, Refused):
+            if registered:
+                self._take_unsettled(request.id)
             # A refused id that is in use belongs to the pending request: its reply topic is not answered.
             duplicate = admission.code == "invalid_request"
             rejection = Rejection(
@@ -331,7 +420,7 @@ class MqttDoor:
                 None if duplicate else request.reply_topic,
                 request.correlation_data,
             )
-            self._reject(rejection, counted=True)
+            self._reject(rejection, counted=True, delivery=delivery)
 
     def _hand_off(self, message: IncomingMessage) -> bool:
         """Pass a group request this node cannot start now to an idle peer. True when it was passed on."""
@@ -343,8 +432,20 @@ class MqttDoor:
             return False  # every node is busy: queue it here (or answer queue_full), nothing is lost
         assert self.publisher is not None
         target = Topics(self.topics.base, peer).prompt
-        self.publisher.forward(target, message.payload, message.response_topic, message.correlation_data)
-        log.info("request_handed_off", peer=peer, topic=target)
+        request_id = _readable_id(message.payload)
+        if message.dup and self._seen_before(request_id, message.delivery):
+            return True
+        if message.delivery is not None and request_id is not None:
+            self._record_settled(request_id)  # the peer answers it: a redelivery here must not run it again
+        delivery = message.delivery
+        self.publisher.forward(
+            target,
+            message.payload,
+            message.response_topic,
+            message.correlation_data,
+            on_acked=(lambda: self._settle(delivery)) if delivery is not None else None,
+        )
+        log.info("request_handed_off", peer=peer, topic=target, request_id=request_id)
         return True
 
     def _abort(self, payload: bytes) -> None:
@@ -363,13 +464,21 @@ class MqttDoor:
 
     # -- answers --------------------------------------------------------------------------------------------
 
-    def _reject(self, rejection: Rejection, *, counted: bool = False) -> None:
-        """Answer a request that will not run: an error event, and a final response when its id is known."""
+    def _reject(self, rejection: Rejection, *, counted: bool = False, delivery: Delivery | None = None) -> None:
+        """Answer a request that will not run: an error event, and a final response when its id is known.
+
+        While the broker is behind (congested), only the final goes out: the one message that must arrive."""
         assert self.publisher is not None
         if not counted:
             self.scheduler.record_rejection(rejection.code)
-        self.publisher.error(ErrorEvent(code=rejection.code, message=rejection.message, id=rejection.id))
-        if rejection.id is not None:
+        congested = self.publisher.congested()
+        if congested:
+            log.info("request_rejected", code=rejection.code, request_id=rejection.id, congested=True)
+        else:
+            self.publisher.error(ErrorEvent(code=rejection.code, message=rejection.message, id=rejection.id))
+        if rejection.id is None:
+            self._settle(delivery)  # nothing to answer: settled once seen
+        else:
             final = FinalResponse(
                 id=rejection.id,
                 state="error",
@@ -379,7 +488,16 @@ class MqttDoor:
                 node=self.node,
                 model=self.model_name(),
             )
-            self._publish_final(final, rejection.reply_topic, rejection.correlation_data, record_last=False)
+            if delivery is not None:
+                self._record_settled(rejection.id)
+            self._publish_final(
+                final,
+                rejection.reply_topic,
+                rejection.correlation_data,
+                record_last=False,
+                deliveries=[delivery] if delivery is not None else [],
+                cheap=congested,
+            )
 
     def publish_final(self, final: FinalResponse, reply_topic: str | None, correlation: bytes | None) -> None:
         """A job's final response (called by its reporter on the scheduler's thread)."""
@@ -389,16 +507,45 @@ class MqttDoor:
             self.publisher.error(ErrorEvent(code=error.code, message=error.message, id=final.id))
             if error.code in RUNTIME_FAILURES:
                 self.publisher.health(self.health_payload())
-        self._publish_final(final, reply_topic, correlation, record_last=True)
+        deliveries = self._take_unsettled(final.id)
+        if deliveries:
+            self._record_settled(final.id)
+        self._publish_final(final, reply_topic, correlation, record_last=True, deliveries=deliveries)
 
     def _publish_final(
-        self, final: FinalResponse, reply_topic: str | None, correlation: bytes | None, *, record_last: bool
+        self,
+        final: FinalResponse,
+        reply_topic: str | None,
+        correlation: bytes | None,
+        *,
+        record_last: bool,
+        deliveries: Sequence[Delivery] = (),
+        cheap: bool = False,
     ) -> None:
+        """The final response; the prompts it answers are acknowledged once the broker has it.
+
+        ``cheap`` (a rejection while the broker is behind): only the final, at QoS 0 when the prompt came at QoS 0
+        (it never had a message id to wait for, and cannot run paho out of message ids either)."""
         assert self.publisher is not None
-        self.publisher.final(self.publisher.reply_topics(final.id, reply_topic), final, correlation)
+        settle = self._settle
+
+        def settled() -> None:
+            for delivery in deliveries:
+                settle(delivery)
+
+        qos = 0 if cheap and not deliveries else 1
+        self.publisher.final(
+            self.publisher.reply_topics(final.id, reply_topic),
+            final,
+            correlation,
+            qos=qos,
+            on_acked=settled if deliveries else None,
+        )
         if record_last:
             self._last_final = final
             self.publisher.last(final)
+        if cheap:
+            return
         for extension in self.extensions:
             extension.on_final(final)
 
@@ -417,7 +564,7 @@ class MqttDoor:
                 correlation_data=message.correlation_data,
             )
             if isinstance(parsed, Rejection):
-                self._reject(parsed)
+                self._reject(parsed, delivery=message.delivery)
             else:
                 self._reject(
                     Rejection(
@@ -426,7 +573,8 @@ class MqttDoor:
                         parsed.id,
                         parsed.reply_topic,
                         parsed.correlation_data,
-                    )
+                    ),
+                    delivery=message.delivery,
                 )
         elif topic in (self.topics.abort, self.topics.clear) and not message.retain:
             handled = "carried out"
@@ -436,8 +584,20 @@ class MqttDoor:
                 self._clear(message.payload)
         else:
             handled = "dropped"
+        if handled != "answered":
+            self._settle(message.delivery)
         if self._overflowed % _OVERFLOW_LOG_EVERY == 1:
             log.warning("inbox_full", capacity=INBOX_SIZE, topic=topic, handled=handled, overflowed=self._overflowed)
+
+
+def _readable_id(payload: bytes) -> str | None:
+    """The id a JSON request names, when it is a valid one (for a hand-off, which does not parse the request)."""
+    try:
+        data = json.loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    request_id = data.get("id") if isinstance(data, dict) else None
+    return request_id if isinstance(request_id, str) and _ID_RE.match(request_id) else None
 
 
 def _duration(seconds: float) -> str:

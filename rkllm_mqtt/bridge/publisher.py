@@ -35,6 +35,7 @@ class Publishing(Protocol):
         retain: bool = False,
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
+        on_acked: Callable[[], None] | None = None,
     ) -> object: ...
 
     @property
@@ -70,8 +71,19 @@ class Publisher:
     def status(self, reply: ReplyTopics, status: RequestStatus, correlation: bytes | None) -> None:
         self.transport.publish(reply.status, status.to_json(), qos=1, correlation_data=correlation)
 
-    def final(self, reply: ReplyTopics, response: FinalResponse, correlation: bytes | None) -> None:
-        self.transport.publish(reply.final, response.to_json(), qos=1, correlation_data=correlation)
+    def final(
+        self,
+        reply: ReplyTopics,
+        response: FinalResponse,
+        correlation: bytes | None,
+        *,
+        qos: int = 1,
+        on_acked: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_acked`` runs once the broker has the final (the request is then settled)."""
+        self.transport.publish(
+            reply.final, response.to_json(), qos=qos, correlation_data=correlation, on_acked=on_acked
+        )
 
     def last(self, response: FinalResponse) -> None:
         self.transport.publish(self.topics.last, response.to_json(), qos=1, retain=True)
@@ -89,9 +101,18 @@ class Publisher:
         log.warning("request_error", code=event.code, message=event.message, request_id=event.id)
         self.transport.publish(self.topics.error, event.to_json(), qos=1)
 
-    def forward(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None:
+    def forward(
+        self,
+        topic: str,
+        payload: bytes,
+        response_topic: str | None,
+        correlation: bytes | None,
+        on_acked: Callable[[], None] | None = None,
+    ) -> None:
         """Pass a request on unchanged, MQTT 5 reply properties included."""
-        self.transport.publish(topic, payload, qos=1, correlation_data=correlation, response_topic=response_topic)
+        self.transport.publish(
+            topic, payload, qos=1, correlation_data=correlation, response_topic=response_topic, on_acked=on_acked
+        )
 
     def raw(self, topic: str, payload: bytes, *, retain: bool) -> None:
         self.transport.publish(topic, payload, qos=1, retain=retain)

@@ -8,6 +8,9 @@
 - Reconnecting is paho's job (exponential ``reconnect_delay_set``); QoS 1 publishes made while
   disconnected stay in paho's queue and go out after the reconnect.
 - paho's callbacks run on its network thread and only hand messages on.
+- With ``manual_ack`` a QoS 1 message is acknowledged only when its receiver settles it
+  (:meth:`MqttTransport.settle`), in the order the messages arrived (:mod:`rkllm_mqtt.bridge.acks`): a message
+  the daemon had not settled when it died is sent again by the broker. docs/reliability.md has the design.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from rkllm_mqtt.bridge.acks import AckSequencer, Delivery
 from rkllm_mqtt.settings import MqttSettings
 
 log = structlog.get_logger(__name__)
@@ -51,6 +55,11 @@ class IncomingMessage:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     received_at: float = field(default_factory=time.monotonic)
+    qos: int = 0
+    # Set by the broker on a message it sends again (after a reconnect): it may have been received before.
+    dup: bool = False
+    # Present when the message waits for :meth:`MqttTransport.settle` before it is acknowledged.
+    delivery: Delivery | None = None
 
 
 @dataclass(frozen=True)
@@ -84,11 +93,13 @@ class MqttTransport:
         settings: MqttSettings,
         *,
         host: str,
-        availability_topic: str,
+        availability_topic: str | None,
         subscriptions: list[Subscription],
         on_message: Callable[[IncomingMessage], None],
         on_connected: Callable[[], None],
         force_protocol: str | None = None,
+        manual_ack: bool = False,
+        client_id_suffix: str = "",
     ) -> None:
         self.settings = settings
         self.host = host
@@ -97,6 +108,14 @@ class MqttTransport:
         self.on_message = on_message
         self.on_connected = on_connected
         self.protocol = force_protocol or settings.protocol
+        self.manual_ack = manual_ack
+        self.client_id = settings.resolved_client_id() + client_id_suffix
+        self._acks = AckSequencer()
+        # Callbacks run when the broker acknowledges a publish, by message id; PUBACKs that arrive while a publish
+        # with a callback is being registered are remembered, so none is missed (see publish()).
+        self._on_acked: dict[int, Callable[[], None]] = {}
+        self._acked_early: set[int] = set()
+        self._registering = 0
         self._client: mqtt.Client | None = None
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -136,7 +155,7 @@ class MqttTransport:
         client = self._client
         if client is None:
             return
-        if self.connected:
+        if self.connected and self.availability_topic is not None:
             info = client.publish(self.availability_topic, offline_payload, qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout)
@@ -150,11 +169,13 @@ class MqttTransport:
         v5 = self.is_v5
         client = _Client(
             CallbackAPIVersion.VERSION2,
-            client_id=s.resolved_client_id(),
+            client_id=self.client_id,
             protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
             clean_session=None if v5 else False,
+            manual_ack=self.manual_ack,
         )
-        client.will_set(self.availability_topic, b"offline", qos=1, retain=True)
+        if self.availability_topic is not None:
+            client.will_set(self.availability_topic, b"offline", qos=1, retain=True)
         password = s.resolved_password()
         if s.username is not None or password is not None:
             client.username_pw_set(s.username, password.get_secret_value() if password else None)
@@ -227,6 +248,7 @@ class MqttTransport:
                 return
             log.error(
                 "mqtt_connect_refused",
+                client_id=self.client_id,
                 host=self.host,
                 port=self.settings.port,
                 reason=str(reason_code),
@@ -238,6 +260,11 @@ class MqttTransport:
         if self.protocol == "auto":
             self.protocol = "5"
         self._connected.set()
+        if self.manual_ack:
+            # Whatever was not acknowledged on the old connection comes again (DUP set) on this one.
+            unsettled = self._acks.new_connection()
+            if unsettled:
+                log.info("mqtt_unsettled_redelivered", messages=unsettled)
         log.info(
             "mqtt_connected",
             host=self.host,
@@ -245,8 +272,10 @@ class MqttTransport:
             protocol=self.protocol,
             session_present=bool(getattr(flags, "session_present", False)),
             first=first,
+            client_id=self.client_id,
         )
-        client.publish(self.availability_topic, b"online", qos=1, retain=True)
+        if self.availability_topic is not None:
+            client.publish(self.availability_topic, b"online", qos=1, retain=True)
         if self.subscriptions:
             client.subscribe([(sub.topic, sub.qos) for sub in self.subscriptions])
         self.on_connected()
@@ -274,6 +303,11 @@ class MqttTransport:
     ) -> None:
         with self._unacked_lock:
             self._unacked = max(0, self._unacked - 1)
+            callback = self._on_acked.pop(mid, None)
+            if callback is None and self._registering:
+                self._acked_early.add(mid)
+        if callback is not None:
+            callback()
 
     @property
     def backlog(self) -> int:
@@ -281,6 +315,7 @@ class MqttTransport:
         return self._unacked
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        delivery = self._acks.arrived(message.mid) if self.manual_ack and message.qos > 0 else None
         props = getattr(message, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
@@ -291,8 +326,25 @@ class MqttTransport:
                 retain=bool(message.retain),
                 response_topic=response_topic,
                 correlation_data=bytes(correlation) if correlation is not None else None,
+                qos=message.qos,
+                dup=bool(message.dup),
+                delivery=delivery,
             )
         )
+
+    def settle(self, delivery: Delivery | None) -> None:
+        """The receiver is done with a message: acknowledge it (and any settled ones held behind it). Any thread."""
+        if delivery is None:
+            return
+        client = self._client
+        if client is None:
+            return
+        self._acks.settle(delivery, lambda mid: client.ack(mid, 1))
+
+    @property
+    def unsettled(self) -> int:
+        """Messages received and not yet acknowledged (the broker sends at most its receive maximum of them)."""
+        return self._acks.unacknowledged
 
     # -- publishing (thread-safe: paho locks internally) ------------------------------------------------
 
@@ -305,7 +357,10 @@ class MqttTransport:
         retain: bool = False,
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
+        on_acked: Callable[[], None] | None = None,
     ) -> mqtt.MQTTMessageInfo | None:
+        """Publish; ``on_acked`` runs once the broker has the message (its PUBACK; at once for QoS 0), on paho's
+        thread or this one."""
         client = self._client
         if client is None:
             log.error("mqtt_publish_before_start", topic=topic)
@@ -317,10 +372,33 @@ class MqttTransport:
                 properties.CorrelationData = correlation_data
             if response_topic is not None:
                 properties.ResponseTopic = response_topic
-        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+        tracked = on_acked is not None and qos > 0
+        if tracked:
             with self._unacked_lock:
+                self._registering += 1
+        try:
+            info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        except BaseException:
+            if tracked:
+                with self._unacked_lock:
+                    self._registering -= 1
+            raise
+        queued = qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
+        run_now = on_acked is not None and not queued  # QoS 0, or refused: nothing to wait for
+        with self._unacked_lock:
+            if queued:
                 self._unacked += 1
+            if tracked:
+                self._registering -= 1
+                if queued and info.mid in self._acked_early:
+                    run_now = True  # the PUBACK came before the callback was registered
+                    self._acked_early.discard(info.mid)
+                elif queued and on_acked is not None:
+                    self._on_acked[info.mid] = on_acked
+                if not self._registering:
+                    self._acked_early.clear()
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("mqtt_publish_failed", topic=topic, rc=info.rc)
+        if run_now and on_acked is not None:
+            on_acked()
         return info
