@@ -181,3 +181,53 @@ def test_state_dir_resolution(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
         assert resolved == system
     else:
         assert resolved == tmp_path / "xdg" / "rkllm-mqtt"
+
+
+def test_a_recorded_final_counts_as_answered_and_comes_back_until_settled(tmp_path: Path) -> None:
+    path = tmp_path / "settled.log"
+    ledger = opened(path)
+    ledger.record_final("r-1", "rkllm/n/response/r-1", b'{"id": "r-1", "text": "h\xc3\xa9"}', b"\x00corr")
+    ledger.record_final("r-2", "rkllm/n/response/r-2", b"{}", None)
+    assert ledger.contains("r-1") and ledger.contains("r-2")
+    ledger.settle("r-2", durable=False)
+    ledger.close()
+    # The process died before the broker acknowledged r-1's final: the next start publishes it again.
+    again = opened(path)
+    pending = again.unsettled_finals()
+    assert [(p.request_id, p.topic, p.payload, p.correlation) for p in pending] == [
+        ("r-1", "rkllm/n/response/r-1", b'{"id": "r-1", "text": "h\xc3\xa9"}', b"\x00corr")
+    ]
+    assert again.contains("r-1") and again.contains("r-2")
+    again.settle("r-1", durable=False)
+    again.close()
+    third = opened(path)
+    assert third.unsettled_finals() == []
+    assert third.contains("r-1")
+
+
+def test_a_final_still_on_its_way_is_never_trimmed(tmp_path: Path) -> None:
+    clock = FakeClock()
+    path = tmp_path / "settled.log"
+    ledger = opened(path, keep=3, max_age_s=10.0, clock=clock)
+    ledger.record_final("on-its-way", "t", b"x", None)
+    for i in range(20):
+        clock.now += 5
+        ledger.settle(f"id-{i}")
+    assert ledger.contains("on-its-way")
+    ledger.close()
+    assert [p.request_id for p in opened(path, keep=3, max_age_s=10.0, clock=clock).unsettled_finals()] == [
+        "on-its-way"
+    ]
+
+
+def test_a_torn_final_record_is_not_published_again(tmp_path: Path) -> None:
+    path = tmp_path / "settled.log"
+    ledger = opened(path)
+    ledger.record_final("whole", "t", b"payload", None)
+    ledger.close()
+    whole_line = path.read_bytes().splitlines()[-1]
+    with path.open("ab") as handle:
+        handle.write(whole_line.replace(b"whole", b"torn")[: len(whole_line) // 2])
+    again = opened(path)
+    assert [p.request_id for p in again.unsettled_finals()] == ["whole"]
+    assert not again.contains("torn")

@@ -25,6 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
 import structlog
@@ -143,6 +144,7 @@ class MqttDoor:
         # QoS 1 deliveries waiting for their request's final, by request id (the dispatcher adds, the runner takes).
         self._unsettled: dict[str, list[Delivery]] = {}
         self._unsettled_lock = threading.Lock()
+        self._replayed = False  # unsettled finals of a previous run go out once, on the first connect
 
     # -- wiring -----------------------------------------------------------------------------------------
 
@@ -294,6 +296,7 @@ class MqttDoor:
         if isinstance(item, IncomingMessage):
             self._route(item)
         elif isinstance(item, _Connected):
+            self._replay_unsettled_finals()
             self.republish_status()
             for extension in self.extensions:
                 extension.on_connected()
@@ -374,6 +377,40 @@ class MqttDoor:
     def _take_unsettled(self, request_id: str) -> list[Delivery]:
         with self._unsettled_lock:
             return self._unsettled.pop(request_id, [])
+
+    def _record_final(self, request_id: str, topic: str, payload: bytes, correlation: bytes | None) -> None:
+        if self.ledger is None:
+            return
+        try:
+            self.ledger.record_final(request_id, topic, payload, correlation)
+        except (OSError, ValueError) as exc:
+            log.error("ledger_write_failed", request_id=request_id, error=str(exc))
+
+    def _final_acknowledged(self, request_id: str, deliveries: list[Delivery]) -> None:
+        """The broker has the final (paho's thread): the request is settled, its prompts are acknowledged."""
+        if self.ledger is not None:
+            try:
+                self.ledger.settle(request_id, durable=False)
+            except (OSError, ValueError) as exc:
+                log.error("ledger_write_failed", request_id=request_id, error=str(exc))
+        for delivery in deliveries:
+            self._settle(delivery)
+
+    def _replay_unsettled_finals(self) -> None:
+        """Finals recorded before a crash and not known to have reached the broker go out again, same bytes."""
+        if self.ledger is None or self._replayed:
+            return
+        self._replayed = True
+        assert self.publisher is not None
+        for pending in self.ledger.unsettled_finals():
+            log.info("final_published_again", request_id=pending.request_id, topic=pending.topic)
+            self.publisher.transport.publish(
+                pending.topic,
+                pending.payload,
+                qos=1,
+                correlation_data=pending.correlation,
+                on_acked=partial(self._final_acknowledged, pending.request_id, []),
+            )
 
     def _record_settled(self, request_id: str) -> None:
         """Durably, before the final goes out: across a crash a redelivered prompt is then not run again."""
@@ -488,8 +525,6 @@ class MqttDoor:
                 node=self.node,
                 model=self.model_name(),
             )
-            if delivery is not None:
-                self._record_settled(rejection.id)
             self._publish_final(
                 final,
                 rejection.reply_topic,
@@ -508,8 +543,6 @@ class MqttDoor:
             if error.code in RUNTIME_FAILURES:
                 self.publisher.health(self.health_payload())
         deliveries = self._take_unsettled(final.id)
-        if deliveries:
-            self._record_settled(final.id)
         self._publish_final(final, reply_topic, correlation, record_last=True, deliveries=deliveries)
 
     def _publish_final(
@@ -527,20 +560,15 @@ class MqttDoor:
         ``cheap`` (a rejection while the broker is behind): only the final, at QoS 0 when the prompt came at QoS 0
         (it never had a message id to wait for, and cannot run paho out of message ids either)."""
         assert self.publisher is not None
-        settle = self._settle
-
-        def settled() -> None:
-            for delivery in deliveries:
-                settle(delivery)
-
+        reply = self.publisher.reply_topics(final.id, reply_topic)
+        payload = final.to_json()
+        on_acked = None
+        if deliveries:
+            # Recorded (synced) before it goes out: a crash from here on cannot lose it nor let it run again.
+            self._record_final(final.id, reply.final, payload, correlation)
+            on_acked = partial(self._final_acknowledged, final.id, list(deliveries))
         qos = 0 if cheap and not deliveries else 1
-        self.publisher.final(
-            self.publisher.reply_topics(final.id, reply_topic),
-            final,
-            correlation,
-            qos=qos,
-            on_acked=settled if deliveries else None,
-        )
+        self.publisher.final(reply, final, correlation, qos=qos, on_acked=on_acked, payload=payload)
         if record_last:
             self._last_final = final
             self.publisher.last(final)

@@ -1,11 +1,18 @@
 """The durable record of settled request ids: what this node has answered, kept across a crash.
 
-A request is *settled* once its final response is out (or it was rejected, or handed to a peer). The id is
-written here before the broker is told the request was received (the PUBACK), so that a request the broker
+A request is *settled* once its final response is with the broker (or it was handed to a peer). Its id is
+written here before the broker is told the prompt was received (the PUBACK), so that a prompt the broker
 delivers again after a crash is recognised and not answered a second time.
 
-The file is append-only, one record a line: ``<unix time> <request id>\\n``. Each append is followed by
-``fdatasync``, so a record that ``settle()`` returned for survives a power cut. A crash can tear the last line:
+The final itself is written here first (:meth:`SettledLedger.record_final`, synced) and only then published:
+a crash between the two cannot lose it, because on the next start every final recorded and not yet settled is
+published again (:meth:`SettledLedger.unsettled_finals`) with the same bytes, and its id already counts as
+answered. A client may then see the same final twice, byte for byte, as QoS 1 allows; never two different ones.
+
+The file is append-only, one record a line: ``<unix time> <request id>\\n`` (settled), or
+``<unix time> <request id> <base64 JSON of topic, payload, correlation data>\\n`` (a final on its way). Each
+append is followed by ``fdatasync``, so a record that ``settle()`` returned for survives a power cut. A crash
+can tear the last line:
 on opening, a last line without its newline, and any line that does not parse, are dropped. The file is
 compacted (rewritten to a temporary file, synced, renamed over) on opening and whenever it has grown to twice
 the records it keeps, so its size stays bounded and a settle costs one small write and one sync.
@@ -16,14 +23,18 @@ the session it was queued for expires, so older ids are of no use).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import collections
 import contextlib
+import json
 import math
 import os
 import tempfile
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
@@ -35,6 +46,40 @@ DEFAULT_KEEP = 10_000
 DEFAULT_MAX_AGE_S = 24 * 3600.0
 FILE_PREFIX = "settled-"
 FILE_SUFFIX = ".log"
+
+
+@dataclass(frozen=True)
+class PendingFinal:
+    """A final response recorded before it was published, not known to have reached the broker."""
+
+    request_id: str
+    topic: str
+    payload: bytes
+    correlation: bytes | None
+
+    def encode(self) -> str:
+        body = {
+            "topic": self.topic,
+            "payload": base64.b64encode(self.payload).decode("ascii"),
+            "correlation": base64.b64encode(self.correlation).decode("ascii") if self.correlation else None,
+        }
+        return base64.b64encode(json.dumps(body, separators=(",", ":")).encode()).decode("ascii")
+
+    @classmethod
+    def decode(cls, request_id: str, text: str) -> PendingFinal | None:
+        try:
+            body = json.loads(base64.b64decode(text, validate=True))
+            topic, payload, correlation = body["topic"], body["payload"], body["correlation"]
+            if not isinstance(topic, str) or not isinstance(payload, str):
+                return None
+            return cls(
+                request_id,
+                topic,
+                base64.b64decode(payload, validate=True),
+                base64.b64decode(correlation, validate=True) if isinstance(correlation, str) else None,
+            )
+        except (ValueError, TypeError, KeyError, binascii.Error):
+            return None
 
 
 SYSTEM_STATE_DIR = Path("/var/lib/rkllm-mqtt")
@@ -63,22 +108,25 @@ def ledger_path(state_dir: Path, node_id: str) -> Path:
     return state_dir / f"{FILE_PREFIX}{node_id}{FILE_SUFFIX}"
 
 
-def _parse(line: bytes) -> tuple[float, str] | None:
+def _parse(line: bytes) -> tuple[float, str, PendingFinal | None] | None:
     """A record, or None for anything that is not one (a torn or corrupted line)."""
     try:
-        text = line.decode("ascii")
+        fields = line.decode("ascii").split(" ")
     except UnicodeDecodeError:
         return None
-    stamp, sep, request_id = text.partition(" ")
-    if not sep or not request_id or any(ch.isspace() for ch in request_id):
+    if len(fields) not in (2, 3) or not all(fields):
         return None
     try:
-        when = float(stamp)
+        when = float(fields[0])
     except ValueError:
         return None
     if not math.isfinite(when):
         return None
-    return when, request_id
+    request_id = fields[1]
+    if len(fields) == 2:
+        return when, request_id, None
+    pending = PendingFinal.decode(request_id, fields[2])
+    return None if pending is None else (when, request_id, pending)
 
 
 class SettledLedger:
@@ -97,6 +145,7 @@ class SettledLedger:
         self.max_age_s = max_age_s
         self.clock = clock
         self._ids: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._pending: dict[str, PendingFinal] = {}
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._records_in_file = 0
@@ -121,12 +170,17 @@ class SettledLedger:
                 if record is None:
                     dropped += 1
                     continue
-                when, request_id = record
-                self._ids.pop(request_id, None)
-                self._ids[request_id] = when
+                when, request_id, pending = record
+                self._remember(request_id, when, pending)
             self._trim()
             self._rewrite()
-            log.info("ledger_opened", path=str(self.path), ids=len(self._ids), dropped_lines=dropped)
+            log.info(
+                "ledger_opened",
+                path=str(self.path),
+                ids=len(self._ids),
+                unsettled_finals=len(self._pending),
+                dropped_lines=dropped,
+            )
 
     def close(self) -> None:
         with self._lock:
@@ -138,21 +192,38 @@ class SettledLedger:
 
     def contains(self, request_id: str) -> bool:
         with self._lock:
+            if request_id in self._pending:
+                return True
             when = self._ids.get(request_id)
             return when is not None and self.clock() - when <= self.max_age_s
 
-    def settle(self, request_id: str) -> None:
-        """Record ``request_id`` durably; returns once the record is on disk."""
+    def settle(self, request_id: str, *, durable: bool = True) -> None:
+        """Record ``request_id`` as settled; with ``durable`` returns once the record is on disk.
+
+        Not durable is for the mark after a recorded final reached the broker: a power cut that loses it only
+        makes the next start publish that final once more, with the same bytes."""
+        self._append(request_id, None, durable=durable)
+
+    def record_final(self, request_id: str, topic: str, payload: bytes, correlation: bytes | None) -> None:
+        """Record a final before it is published (synced): from now on ``request_id`` counts as answered."""
+        self._append(request_id, PendingFinal(request_id, topic, payload, correlation), durable=True)
+
+    def unsettled_finals(self) -> list[PendingFinal]:
+        """Finals recorded and not known to have reached the broker (from before a crash): publish them again."""
+        with self._lock:
+            return list(self._pending.values())
+
+    def _append(self, request_id: str, pending: PendingFinal | None, *, durable: bool) -> None:
         if not request_id or any(ch.isspace() for ch in request_id) or not request_id.isascii():
             raise ValueError(f"not a recordable request id: {request_id!r}")
+        line = f"{self.clock():.3f} {request_id}" + (f" {pending.encode()}" if pending is not None else "")
         with self._lock:
             if self._fd is None:
                 raise RuntimeError("the ledger is not open")
-            now = self.clock()
-            os.write(self._fd, f"{now:.3f} {request_id}\n".encode("ascii"))
-            os.fdatasync(self._fd)
-            self._ids.pop(request_id, None)
-            self._ids[request_id] = now
+            os.write(self._fd, (line + "\n").encode("ascii"))
+            if durable:
+                os.fdatasync(self._fd)
+            self._remember(request_id, self.clock(), pending)
             self._records_in_file += 1
             self._trim()
             if self._records_in_file >= 2 * max(self.keep, 1):
@@ -160,9 +231,18 @@ class SettledLedger:
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._ids)
+            return len(self._ids) + len(self._pending)
 
     # -- internals (lock held) --------------------------------------------------------------------------
+
+    def _remember(self, request_id: str, when: float, pending: PendingFinal | None) -> None:
+        # Settled ids in order of settling (what trimming drops first); finals on their way apart, never dropped.
+        self._ids.pop(request_id, None)
+        if pending is not None:
+            self._pending[request_id] = pending
+        else:
+            self._pending.pop(request_id, None)
+            self._ids[request_id] = when
 
     def _trim(self) -> None:
         horizon = self.clock() - self.max_age_s
@@ -177,7 +257,10 @@ class SettledLedger:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        body = "".join(f"{when:.3f} {request_id}\n" for request_id, when in self._ids.items()).encode("ascii")
+        now = self.clock()
+        lines = [f"{when:.3f} {request_id}\n" for request_id, when in self._ids.items()]
+        lines.extend(f"{now:.3f} {request_id} {pending.encode()}\n" for request_id, pending in self._pending.items())
+        body = "".join(lines).encode("ascii")
         fd, tmp_name = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "wb") as tmp:
@@ -195,4 +278,4 @@ class SettledLedger:
         finally:
             os.close(dir_fd)
         self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        self._records_in_file = len(self._ids)
+        self._records_in_file = len(self._ids) + len(self._pending)

@@ -79,11 +79,12 @@ class Publisher:
         *,
         qos: int = 1,
         on_acked: Callable[[], None] | None = None,
+        payload: bytes | None = None,
     ) -> None:
-        """``on_acked`` runs once the broker has the final (the request is then settled)."""
-        self.transport.publish(
-            reply.final, response.to_json(), qos=qos, correlation_data=correlation, on_acked=on_acked
-        )
+        """``on_acked`` runs once the broker has the final (the request is then settled); ``payload`` is the final
+        already serialized (the bytes that were recorded before publishing)."""
+        data = payload if payload is not None else response.to_json()
+        self.transport.publish(reply.final, data, qos=qos, correlation_data=correlation, on_acked=on_acked)
 
     def last(self, response: FinalResponse) -> None:
         self.transport.publish(self.topics.last, response.to_json(), qos=1, retain=True)
