@@ -36,6 +36,7 @@ from rkllm_mqtt.bridge.cluster import PeerTable
 from rkllm_mqtt.bridge.dispatcher import Deadline, Dispatcher
 from rkllm_mqtt.bridge.extension import Extension
 from rkllm_mqtt.bridge.ledger import SettledLedger
+from rkllm_mqtt.bridge.memory import release_free_memory
 from rkllm_mqtt.bridge.publisher import Publisher, Publishing
 from rkllm_mqtt.bridge.reporter import MqttJobReporter
 from rkllm_mqtt.bridge.requests import Rejection, Request, RequestRules, parse_request
@@ -64,6 +65,8 @@ _ID_RE = re.compile(ID_PATTERN)
 INBOX_SIZE = 10000
 # While the inbox is full, one log line per this many messages handled on paho's thread.
 _OVERFLOW_LOG_EVERY = 1000
+# An inbox this deep is a flood, not traffic.
+_DEEP_INBOX = 1000
 _HEALTH: dict[RuntimeStatus, HealthStatus] = {
     "ready": "ok",
     "failed": "error",
@@ -144,6 +147,7 @@ class MqttDoor:
         # QoS 1 deliveries waiting for their request's final, by request id (the dispatcher adds, the runner takes).
         self._unsettled: dict[str, list[Delivery]] = {}
         self._unsettled_lock = threading.Lock()
+        self._flooded = False  # the inbox ran deep: memory is given back once it is empty again
         self._replayed = False  # unsettled finals of a previous run go out once, on the first connect
 
     # -- wiring -----------------------------------------------------------------------------------------
@@ -192,6 +196,8 @@ class MqttDoor:
         """paho's thread."""
         if not self.dispatcher.offer(message):
             self._overflow(message)
+        elif self.dispatcher.depth > _DEEP_INBOX:
+            self._flooded = True
 
     def on_connected(self) -> None:
         """paho's thread."""
@@ -295,6 +301,9 @@ class MqttDoor:
     def _handle(self, item: InboxItem) -> None:
         if isinstance(item, IncomingMessage):
             self._route(item)
+            if self._flooded and self.dispatcher.depth == 0:
+                self._flooded = False
+                release_free_memory()  # the flood is over: give its heap back
         elif isinstance(item, _Connected):
             self._replay_unsettled_finals()
             self.republish_status()
