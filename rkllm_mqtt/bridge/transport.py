@@ -43,6 +43,9 @@ RECONNECT_MAX_S = 60
 # Unacknowledged QoS 1 publishes on the wire. Mosquitto advertises a Receive Maximum of 20 in its CONNACK and
 # MQTT 5 forbids sending more; paho does not read that value, so the bridge keeps to it.
 MAX_INFLIGHT = 20
+# Prompts received and not yet settled, announced to an MQTT 5 broker as the Receive Maximum (MQTT 3.1.1 brokers
+# use their own window: Mosquitto's max_inflight_messages, 20 by default).
+MAX_UNSETTLED = 20
 # Reason codes that mean "this broker does not speak MQTT 5" (v5 0x84, and 3.1.1's 1 read back).
 _PROTOCOL_REFUSED = {0x84, 1}
 
@@ -203,6 +206,9 @@ class MqttTransport:
         if self.is_v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = SESSION_EXPIRY_S
+            if self.manual_ack:
+                # Unsettled prompts the broker may send before it waits for an acknowledgement: they are held here.
+                props.ReceiveMaximum = MAX_UNSETTLED
             client.connect_async(self.host, s.port, s.keepalive_s, clean_start=False, properties=props)
         else:
             client.connect_async(self.host, s.port, s.keepalive_s)
@@ -340,11 +346,6 @@ class MqttTransport:
         if client is None:
             return
         self._acks.settle(delivery, lambda mid: client.ack(mid, 1))
-
-    @property
-    def unsettled(self) -> int:
-        """Messages received and not yet acknowledged (the broker sends at most its receive maximum of them)."""
-        return self._acks.unacknowledged
 
     # -- publishing (thread-safe: paho locks internally) ------------------------------------------------
 
