@@ -81,8 +81,10 @@ def test_corrupted_lines_are_skipped(tmp_path: Path, garbage: bytes) -> None:
     assert len(ledger) == 2
 
 
-def test_a_killed_writer_leaves_a_readable_ledger(tmp_path: Path) -> None:
-    """SIGKILL a process in the middle of settling ids: every id it reported settled is read back."""
+@pytest.mark.parametrize("durable", [True, False])
+def test_a_killed_writer_leaves_a_readable_ledger(tmp_path: Path, durable: bool) -> None:
+    """SIGKILL a process in the middle of settling ids: every id it reported settled is read back (a record
+    written and not synced survives the process too: the kernel has it)."""
     path = tmp_path / "settled.log"
     script = (
         "import sys\n"
@@ -92,7 +94,7 @@ def test_a_killed_writer_leaves_a_readable_ledger(tmp_path: Path) -> None:
         "ledger.open()\n"
         "i = 0\n"
         "while True:\n"
-        "    ledger.settle(f'id-{i}')\n"
+        f"    ledger.record_final(f'id-{{i}}', 't', b'final', None, durable={durable})\n"
         "    print(i, flush=True)\n"
         "    i += 1\n"
     )
@@ -110,6 +112,7 @@ def test_a_killed_writer_leaves_a_readable_ledger(tmp_path: Path) -> None:
     ledger = opened(path)
     for i in range(reported + 1):
         assert ledger.contains(f"id-{i}"), i
+    assert len(ledger.unsettled_finals()) >= reported + 1
 
 
 def test_kept_ids_are_bounded_by_count_and_the_file_is_compacted(tmp_path: Path) -> None:
@@ -231,3 +234,14 @@ def test_a_torn_final_record_is_not_published_again(tmp_path: Path) -> None:
     again = opened(path)
     assert [p.request_id for p in again.unsettled_finals()] == ["whole"]
     assert not again.contains("torn")
+
+
+def test_sync_puts_unsynced_records_on_disk_once(tmp_path: Path) -> None:
+    ledger = opened(tmp_path / "settled.log")
+    ledger.record_final("a", "t", b"x", None, durable=False)
+    ledger.settle("a", durable=False)
+    ledger.sync()
+    ledger.sync()  # clean: nothing to do
+    ledger.close()
+    again = opened(tmp_path / "settled.log")
+    assert again.contains("a") and again.unsettled_finals() == []

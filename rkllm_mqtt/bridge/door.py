@@ -12,7 +12,7 @@ and logged.
 
 Settling (docs/reliability.md): a QoS 1 prompt arrives with a :class:`~rkllm_mqtt.bridge.acks.Delivery` and is
 acknowledged to the broker only once it is settled: its final response is with the broker, or it was handed to a
-peer, or it carried nothing to answer. Its id is written to the ledger of settled ids before the final goes out,
+peer, or it carried nothing to answer. Its final is recorded in the ledger of settled ids before it goes out,
 so a prompt the broker sends again after a crash (DUP set) is recognised and not answered twice; a redelivered
 prompt whose request is still queued or running joins it instead of running again.
 """
@@ -67,6 +67,8 @@ INBOX_SIZE = 10000
 _OVERFLOW_LOG_EVERY = 1000
 # An inbox this deep is a flood, not traffic.
 _DEEP_INBOX = 1000
+# How often a held-back state publish looks again whether the broker has caught up.
+_STATE_RETRY_S = 0.2
 _HEALTH: dict[RuntimeStatus, HealthStatus] = {
     "ready": "ok",
     "failed": "error",
@@ -109,7 +111,12 @@ class _RuntimeChanged:
     pass
 
 
-InboxItem = IncomingMessage | _Connected | _RuntimeChanged
+@dataclass(frozen=True)
+class _RefreshState:
+    pass
+
+
+InboxItem = IncomingMessage | _Connected | _RuntimeChanged | _RefreshState
 
 
 class MqttDoor:
@@ -147,6 +154,8 @@ class MqttDoor:
         # QoS 1 deliveries waiting for their request's final, by request id (the dispatcher adds, the runner takes).
         self._unsettled: dict[str, list[Delivery]] = {}
         self._unsettled_lock = threading.Lock()
+        self._rejected_quietly = 0  # rejections answered with the final alone, while the broker was behind
+        self._state_refresh_pending = False  # a state publish held back while the broker is behind
         self._flooded = False  # the inbox ran deep: memory is given back once it is empty again
         self._replayed = False  # unsettled finals of a previous run go out once, on the first connect
 
@@ -208,10 +217,31 @@ class MqttDoor:
         self.dispatcher.put(_RuntimeChanged())
 
     def on_change(self) -> None:
-        """The scheduler's observer: its snapshot changed. Any thread."""
+        """The scheduler's observer: its snapshot changed. Any thread.
+
+        While the broker is behind, the retained state is not published per change (a flood of rejections would
+        add one message each): one refresh is left to the dispatcher, which publishes the latest state once the
+        broker has caught up."""
         if self.publisher is None:
             return
+        if self.publisher.congested():
+            with self._state_lock:
+                if self._state_refresh_pending:
+                    return
+                self._state_refresh_pending = True
+            self.dispatcher.put(_RefreshState())
+            return
         with self._state_lock:
+            self.publisher.state(self.state_payload())
+
+    def _refresh_state(self) -> None:
+        """Dispatcher thread: publish the state held back while the broker was behind, once it has caught up."""
+        assert self.publisher is not None
+        if self.publisher.congested():
+            self.dispatcher.call_later(_STATE_RETRY_S, self._refresh_state)
+            return
+        with self._state_lock:
+            self._state_refresh_pending = False
             self.publisher.state(self.state_payload())
 
     # -- what the door shows ------------------------------------------------------------------------------
@@ -304,6 +334,8 @@ class MqttDoor:
             if self._flooded and self.dispatcher.depth == 0:
                 self._flooded = False
                 release_free_memory()  # the flood is over: give its heap back
+        elif isinstance(item, _RefreshState):
+            self._refresh_state()
         elif isinstance(item, _Connected):
             self._replay_unsettled_finals()
             self.republish_status()
@@ -391,7 +423,8 @@ class MqttDoor:
         if self.ledger is None:
             return
         try:
-            self.ledger.record_final(request_id, topic, payload, correlation)
+            # Written, not synced: a killed process cannot lose it; the sync comes before the acknowledgement.
+            self.ledger.record_final(request_id, topic, payload, correlation, durable=False)
         except (OSError, ValueError) as exc:
             log.error("ledger_write_failed", request_id=request_id, error=str(exc))
 
@@ -400,6 +433,7 @@ class MqttDoor:
         if self.ledger is not None:
             try:
                 self.ledger.settle(request_id, durable=False)
+                self.ledger.sync()  # on disk before the broker is told: one sync covers every final acknowledged since
             except (OSError, ValueError) as exc:
                 log.error("ledger_write_failed", request_id=request_id, error=str(exc))
         for delivery in deliveries:
@@ -519,7 +553,9 @@ class MqttDoor:
             self.scheduler.record_rejection(rejection.code)
         congested = self.publisher.congested()
         if congested:
-            log.info("request_rejected", code=rejection.code, request_id=rejection.id, congested=True)
+            self._rejected_quietly += 1
+            if self._rejected_quietly % _OVERFLOW_LOG_EVERY == 1:
+                log.warning("rejections_answered_final_only", code=rejection.code, so_far=self._rejected_quietly)
         else:
             self.publisher.error(ErrorEvent(code=rejection.code, message=rejection.message, id=rejection.id))
         if rejection.id is None:

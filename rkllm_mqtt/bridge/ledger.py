@@ -146,6 +146,7 @@ class SettledLedger:
         self.clock = clock
         self._ids: collections.OrderedDict[str, float] = collections.OrderedDict()
         self._pending: dict[str, PendingFinal] = {}
+        self._unsynced = False  # records written and not yet synced to the disk
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._records_in_file = 0
@@ -204,9 +205,21 @@ class SettledLedger:
         makes the next start publish that final once more, with the same bytes."""
         self._append(request_id, None, durable=durable)
 
-    def record_final(self, request_id: str, topic: str, payload: bytes, correlation: bytes | None) -> None:
-        """Record a final before it is published (synced): from now on ``request_id`` counts as answered."""
-        self._append(request_id, PendingFinal(request_id, topic, payload, correlation), durable=True)
+    def record_final(
+        self, request_id: str, topic: str, payload: bytes, correlation: bytes | None, *, durable: bool = True
+    ) -> None:
+        """Record a final before it is published: from now on ``request_id`` counts as answered.
+
+        Written, the record survives the process (the kernel has it); ``durable`` also waits for the disk, which
+        only a power cut needs. A caller that records without it calls :meth:`sync` before acknowledging."""
+        self._append(request_id, PendingFinal(request_id, topic, payload, correlation), durable=durable)
+
+    def sync(self) -> None:
+        """Put every record written so far on the disk (one ``fdatasync`` for all of them; none when clean)."""
+        with self._lock:
+            if self._fd is not None and self._unsynced:
+                os.fdatasync(self._fd)
+                self._unsynced = False
 
     def unsettled_finals(self) -> list[PendingFinal]:
         """Finals recorded and not known to have reached the broker (from before a crash): publish them again."""
@@ -223,6 +236,7 @@ class SettledLedger:
             os.write(self._fd, (line + "\n").encode("ascii"))
             if durable:
                 os.fdatasync(self._fd)
+            self._unsynced = not durable
             self._remember(request_id, self.clock(), pending)
             self._records_in_file += 1
             self._trim()
