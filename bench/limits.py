@@ -111,9 +111,10 @@ class _StampSink:
 
 def supervisor_latency(tokens: int, rate: float, warmup: int = 5) -> dict[str, Any]:
     """Callback (stamp) to the supervisor's sink, at a moderate rate: the part of the token latency spent before
-    the bridge publishes (worker callback, event pipe, reader thread, queue, runner thread, UTF-8 decoding)."""
+    the bridge publishes (worker callback, event pipe, the run loop, UTF-8 decoding)."""
+    from rkllm_mqtt.core.jobs import CancelToken, GenerationRequest
     from rkllm_mqtt.logs import configure_logging
-    from rkllm_mqtt.runtime.supervisor import GenerationRequest, RuntimeSupervisor
+    from rkllm_mqtt.runtime.supervisor import RuntimeSupervisor
     from rkllm_mqtt.settings import Settings
 
     configure_logging("warning", "json")
@@ -124,7 +125,7 @@ def supervisor_latency(tokens: int, rate: float, warmup: int = 5) -> dict[str, A
         if not supervisor.wait_ready(30.0):
             raise RuntimeError(f"the runtime did not become ready: {supervisor.last_error}")
         sink = _StampSink()
-        supervisor.generate(GenerationRequest(prompt="latency", timeout_s=tokens / rate * 2 + 30), sink)
+        supervisor.generate(GenerationRequest(prompt="latency", timeout_s=tokens / rate * 2 + 30), sink, CancelToken())
     finally:
         supervisor.stop()
     return {"tokens": tokens, "rate": rate, "latency_ms": summary(sink.latencies_ms[warmup:])}
@@ -132,8 +133,9 @@ def supervisor_latency(tokens: int, rate: float, warmup: int = 5) -> dict[str, A
 
 def supervisor_rate(tokens: int, runs: int) -> dict[str, Any]:
     """Tokens/s through RuntimeSupervisor.generate (worker process, event pipe, decoding) into a counting sink."""
+    from rkllm_mqtt.core.jobs import CancelToken, GenerationRequest
     from rkllm_mqtt.logs import configure_logging
-    from rkllm_mqtt.runtime.supervisor import GenerationRequest, RuntimeSupervisor
+    from rkllm_mqtt.runtime.supervisor import RuntimeSupervisor
     from rkllm_mqtt.settings import Settings
 
     configure_logging("warning", "json")
@@ -145,14 +147,16 @@ def supervisor_rate(tokens: int, runs: int) -> dict[str, Any]:
     try:
         if not supervisor.wait_ready(30.0):
             raise RuntimeError(f"the runtime did not become ready: {supervisor.last_error}")
-        supervisor.generate(GenerationRequest(prompt="warm up", timeout_s=60.0, max_new_tokens=1000), _CountingSink())
+        supervisor.generate(
+            GenerationRequest(prompt="warm up", timeout_s=60.0, max_new_tokens=1000), _CountingSink(), CancelToken()
+        )
         for _ in range(runs):
             sink = _CountingSink()
             worker = next(iter(children(os.getpid())), None)  # the worker process, for its CPU time
             cpu_before = cpu_ns(worker) if worker else 0
             started = time.perf_counter()
             self_before = time.process_time_ns()
-            result = supervisor.generate(GenerationRequest(prompt="bench", timeout_s=300.0), sink)
+            result = supervisor.generate(GenerationRequest(prompt="bench", timeout_s=300.0), sink, CancelToken())
             elapsed = time.perf_counter() - started
             used = time.process_time_ns() - self_before + ((cpu_ns(worker) - cpu_before) if worker else 0)
             if result.error_code is not None or result.completion_tokens != tokens:

@@ -20,7 +20,7 @@ from typing import Any
 from bench.mqttc import Client, Msg, json_field
 from bench.procs import Daemon
 from bench.stats import summary
-from bench.sysinfo import context_switches, cpu_delta, memory, sample_cpu, thread_switches
+from bench.sysinfo import context_switches, cpu_delta, memory, sample_cpu, thread_cpu_ns, thread_switches
 
 READY_TIMEOUT_S = 30.0
 
@@ -242,22 +242,43 @@ def long_reply(env: Env, daemon: Daemon, tokens: int) -> dict[str, Any]:
     return {"tokens": tokens, **row}
 
 
-def cpu_at_rate(env: Env, daemon: Daemon, requests: int, tokens: int, rate: float) -> dict[str, Any]:
-    """The daemon's CPU per token while a realistic stream runs (requests back to back)."""
+def cpu_at_rate(
+    env: Env, daemon: Daemon, requests: int, tokens: int, rate: float, *, stream: bool = True
+) -> dict[str, Any]:
+    """The daemon's CPU per token while a realistic stream runs (requests back to back). With ``stream=False``
+    nothing is published per token: what is left is the runtime side (worker, event pipe, run loop)."""
     worker = daemon.worker_pid()
     switches_before = {pid: context_switches(pid)["voluntary"] for pid in (daemon.pid, worker)}
+    threads_before = {pid: (thread_cpu_ns(pid), thread_switches(pid)) for pid in (daemon.pid, worker)}
     before = sample_cpu([daemon.pid, worker])
     delivered = 0
     for i in range(requests):
         final = env.sub.wait_for(
-            _request(env, daemon, f"cpu-{i}", prompt="cpu", max_new_tokens=tokens), timeout=tokens / rate * 2 + 30
+            _request(env, daemon, f"cpu-{stream:d}-{i}", prompt="cpu", max_new_tokens=tokens, stream=stream),
+            timeout=tokens / rate * 2 + 30,
         ).json()
         delivered += int(final["usage"]["completion_tokens"])
     after = sample_cpu([daemon.pid, worker])
     switches = {pid: context_switches(pid)["voluntary"] - switches_before[pid] for pid in (daemon.pid, worker)}
+    threads_after = {pid: (thread_cpu_ns(pid), thread_switches(pid)) for pid in (daemon.pid, worker)}
     cpu = cpu_delta(before, after)
+
+    def by_thread(pid: int) -> list[dict[str, float]]:
+        """Per thread (by id; attach py-spy dump to name them): CPU and wake-ups per token, busiest first."""
+        (cpu0, sw0), (cpu1, sw1) = threads_before[pid], threads_after[pid]
+        rows = [
+            {
+                "tid": tid,
+                "cpu_us_per_token": round((ns - cpu0.get(tid, 0)) / max(delivered, 1) / 1000, 1),
+                "wakeups_per_token": round((sw1.get(tid, 0) - sw0.get(tid, 0)) / max(delivered, 1), 2),
+            }
+            for tid, ns in cpu1.items()
+        ]
+        return sorted((r for r in rows if r["cpu_us_per_token"] > 0), key=lambda r: -r["cpu_us_per_token"])
+
     return {
         "requests": requests,
+        "stream": stream,
         "tokens": delivered,
         "rate": rate,
         "seconds": round(cpu["wall_ns"] / 1e9, 2),
@@ -270,6 +291,39 @@ def cpu_at_rate(env: Env, daemon: Daemon, requests: int, tokens: int, rate: floa
         # Each voluntary context switch is a thread going to sleep, i.e. one wake-up later.
         "wakeups_per_token_parent": round(switches[daemon.pid] / max(delivered, 1), 2),
         "wakeups_per_token_worker": round(switches[worker] / max(delivered, 1), 2),
+        "threads_parent": by_thread(daemon.pid),
+        "threads_worker": by_thread(worker),
+    }
+
+
+def first_chunk(env: Env, daemon: Daemon, pairs: int, tokens: int, idle_s: float = 1.0) -> dict[str, Any]:
+    """Publish to first stream chunk of a request on an idle bridge (published ``idle_s`` after the previous
+    final response) and of one published the moment the previous request's final response arrived."""
+    idle_ms: list[float] = []
+    follow_ms: list[float] = []
+
+    def first_of(rid: str) -> tuple[float, Msg]:
+        sent = time.monotonic_ns()
+        final_topic = _request(env, daemon, rid, prompt="first chunk", max_new_tokens=tokens)
+        first = env.sub.wait_for(f"{final_topic}/stream", timeout=60)
+        final = env.sub.wait_for(final_topic, timeout=tokens * 2 + 60)
+        env.sub.forget(final_topic)
+        return (first.at_ns - sent) / 1e6, final
+
+    tag = uuid.uuid4().hex[:6]
+    for i in range(pairs):
+        time.sleep(idle_s)
+        latency, _ = first_of(f"idle-{tag}-{i}")
+        idle_ms.append(latency)
+        latency, _ = first_of(f"next-{tag}-{i}")  # published as soon as the previous final arrived
+        follow_ms.append(latency)
+    return {
+        "pairs": pairs,
+        "tokens": tokens,
+        "idle_ms": summary(idle_ms),
+        "following_ms": summary(follow_ms),
+        "all_idle_ms": [round(v, 3) for v in idle_ms],
+        "all_following_ms": [round(v, 3) for v in follow_ms],
     }
 
 

@@ -56,8 +56,9 @@ def _terminate(proc: subprocess.Popen[Any], timeout: float) -> int:
 class Mosquitto:
     """A private Mosquitto on a free loopback port: no persistence, no logging, queues without a cap."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, tcp_nodelay: bool = False) -> None:
         self.workdir = workdir
+        self.tcp_nodelay = tcp_nodelay
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -75,6 +76,9 @@ class Mosquitto:
             # The bench's subscriber must see every chunk of a 100,000-token reply: no queue limit.
             "max_queued_messages 0",
         ]
+        if self.tcp_nodelay:
+            # Off by default in Mosquitto, as on most installations: Nagle's algorithm on the broker's sockets.
+            lines.append("set_tcp_nodelay true")
         if os.geteuid() == 0:
             lines.append("user root")  # as root Mosquitto would switch to its own user, which cannot read workdir
         return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ from bench.procs import Mosquitto
 from bench.sysinfo import git_revision, loadavg, machine, machine_cpu, machine_cpu_use, speed_gauge_ms
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("limits", "latency", "cpu", "throughput", "recovery", "burst")
+SCENARIOS = ("limits", "latency", "cpu", "first_chunk", "throughput", "recovery", "burst")
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,7 @@ class Plan:
     cpu_requests: int
     cpu_tokens: int
     cpu_rate: float
+    first_chunk_pairs: int
     idle_s: float
     throughput_tokens: int
     throughput_runs: int
@@ -66,6 +67,7 @@ QUICK = Plan(
     cpu_requests=1,
     cpu_tokens=200,
     cpu_rate=20,
+    first_chunk_pairs=10,
     idle_s=10,
     throughput_tokens=20_000,
     throughput_runs=2,
@@ -88,6 +90,7 @@ FULL = Plan(
     cpu_requests=3,
     cpu_tokens=200,
     cpu_rate=20,
+    first_chunk_pairs=20,
     idle_s=30,
     throughput_tokens=50_000,  # below 65,535 (MQTT message ids): see the long reply
     throughput_runs=3,
@@ -115,9 +118,10 @@ def say(text: str) -> None:
 class Runner:
     """Runs the scenarios, keeping each one's result or its error."""
 
-    def __init__(self, plan: Plan, only: set[str]) -> None:
+    def __init__(self, plan: Plan, only: set[str], broker_nodelay: bool = False) -> None:
         self.plan = plan
         self.only = only
+        self.broker_nodelay = broker_nodelay
         self.results: dict[str, Any] = {}
         self.errors: dict[str, str] = {}
 
@@ -151,7 +155,7 @@ class Runner:
             )
         if not self.only - {"limits"}:
             return
-        with Mosquitto(workdir) as broker:
+        with Mosquitto(workdir, tcp_nodelay=self.broker_nodelay) as broker:
             say(f"mosquitto on port {broker.port} (pid {broker.pid})")
             sub = Client(broker.port, "bench-sub").start()
             pub = Client(broker.port, "bench-pub").start()
@@ -171,6 +175,9 @@ class Runner:
         if self.wanted("cpu"):
             model = f"sim:rate={p.cpu_rate:g},prefill_ms=0,tokens={p.cpu_tokens}"
             self.step("cpu_daemon", lambda: self._with(env, "cpu", model, {}, self._cpu))
+        if self.wanted("first_chunk"):
+            model = f"sim:rate={p.cpu_rate:g},prefill_ms=0,tokens=200"
+            self.step("first_chunk_daemon", lambda: self._with(env, "first_chunk", model, {}, self._first_chunk))
         if self.wanted("throughput") or self.wanted("burst"):
             # The burst runs once per queue size: the first on the stream daemon, a second on the coalesced one.
             first, second = p.burst_queue_sizes[0], p.burst_queue_sizes[-1]
@@ -204,6 +211,14 @@ class Runner:
     def _cpu(self, env: Env, daemon: Any) -> None:
         p = self.plan
         self.step("cpu_rate", lambda: measure.cpu_at_rate(env, daemon, p.cpu_requests, p.cpu_tokens, p.cpu_rate))
+        self.step(
+            "cpu_rate_no_stream",
+            lambda: measure.cpu_at_rate(env, daemon, p.cpu_requests, p.cpu_tokens, p.cpu_rate, stream=False),
+        )
+
+    def _first_chunk(self, env: Env, daemon: Any) -> None:
+        p = self.plan
+        self.step("first_chunk", lambda: measure.first_chunk(env, daemon, p.first_chunk_pairs, tokens=5))
 
     def _throughput(self, env: Env, interval_ms: int, name: str, queue_size: int, burst_queue: int | None) -> bool:
         p = self.plan
@@ -239,6 +254,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=",".join(SCENARIOS),
         help=f"comma-separated subset of: {', '.join(SCENARIOS)} (default: all)",
     )
+    parser.add_argument(
+        "--broker-nodelay",
+        action="store_true",
+        help="start Mosquitto with set_tcp_nodelay true (default: Mosquitto's default, Nagle's algorithm on)",
+    )
     parser.add_argument("--results", type=Path, default=REPO / "bench" / "results", help="directory for the JSON file")
     return parser.parse_args(argv)
 
@@ -252,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     plan = QUICK if args.quick else FULL
     previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    runner = Runner(plan, only)
+    runner = Runner(plan, only, broker_nodelay=args.broker_nodelay)
     started = time.time()
     load_before = loadavg()
     gauge_before = speed_gauge_ms()

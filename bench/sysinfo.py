@@ -131,6 +131,17 @@ def thread_switches(pid: int) -> dict[int, int]:
     return out
 
 
+def thread_cpu_ns(pid: int) -> dict[int, int]:
+    """CPU time in nanoseconds of each live thread of ``pid`` (the scheduler's own figure, schedstat)."""
+    out: dict[int, int] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            out[int(task.name)] = int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
 def alive(pid: int) -> bool:
     """True while ``pid`` exists and is not a zombie."""
     try:

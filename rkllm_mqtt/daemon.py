@@ -23,7 +23,6 @@ from rkllm_mqtt.bridge.ledger import SettledLedger, ledger_path, resolve_state_d
 from rkllm_mqtt.bridge.transport import MqttTransport, Subscription
 from rkllm_mqtt.broker import BrokerStartError, EmbeddedBroker
 from rkllm_mqtt.core.scheduler import Scheduler
-from rkllm_mqtt.core.supervisor_runner import SupervisorRunner
 from rkllm_mqtt.ha.extension import home_assistant_extension
 from rkllm_mqtt.runtime.supervisor import RuntimeSupervisor
 from rkllm_mqtt.sdnotify import SystemdNotifier
@@ -89,7 +88,7 @@ class Daemon:
             host = EMBEDDED_HOST
         self.notifier.open()
         self.supervisor = RuntimeSupervisor(s, on_change=self._runtime_changed)
-        runtime = SupervisorRunner(self.supervisor)
+        runtime = self.supervisor
         self.scheduler = Scheduler(runtime, queue_size=s.limits.queue_size, hang_grace_s=s.limits.hang_grace_s)
         self.ledger = self._open_ledger()
         self.door = MqttDoor(s, self.scheduler, runtime, extensions=[home_assistant_extension(s)], ledger=self.ledger)

@@ -247,8 +247,9 @@ def check_config(settings: Settings) -> CheckResult:
 
 
 def _sim_abi(settings: Settings) -> str:
-    # The simulated runtime is built once per layout; "auto" takes the 1.3 build, as the worker does.
-    return settings.runtime.abi if settings.runtime.abi != "auto" else "1.3"
+    from rkllm_mqtt.runtime.abi import sim_layout
+
+    return sim_layout(settings.runtime.abi)
 
 
 def _library_path(settings: Settings) -> Path:
@@ -908,7 +909,7 @@ def check_homeassistant(
     ha = settings.homeassistant
     if not ha.enabled:
         return CheckResult(name, "SKIP", "discovery is disabled (homeassistant.enabled = false)")
-    topic = f"{ha.discovery_prefix}/status"
+    topic = ha.status_topic
     if settings.mqtt.host is None:
         return CheckResult(
             name,

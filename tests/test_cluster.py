@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -64,7 +63,11 @@ def test_busy_node_hands_group_requests_to_an_idle_peer(tmp_path: Path) -> None:
             f"{base}/{busy.node}/prompt", json.dumps({"id": "hog", "prompt": "long", "response_topic": reply})
         )
         probe.wait_json(f"{reply}/status", lambda s: s["id"] == "hog" and s["status"] == "started")
-        time.sleep(0.5)
+        # Barrier: the busy node hears the idle node's state before any group request the probe sends after
+        # seeing it (the broker delivers to it in the order it received them).
+        idle_state = f"{base}/{idle.node}/state"
+        probe.subscribe(idle_state)
+        probe.wait_json(idle_state, lambda s: s["status"] == "idle")
         served = []
         for i in range(4):
             request_id = f"group-{i}"
@@ -75,7 +78,7 @@ def test_busy_node_hands_group_requests_to_an_idle_peer(tmp_path: Path) -> None:
             final = probe.wait_json(reply, lambda r, rid=request_id: r["id"] == rid)
             assert final["state"] == "done"
             served.append(final["node"])
-            time.sleep(0.5)
+            probe.wait_json(idle_state, lambda s, n=i + 1: s["status"] == "idle" and s["requests_total"] == n)
         assert served == [idle.node] * 4
         handed = [e for e in busy.logs() if e.get("event") == "request_handed_off"]
         assert handed and all(e["peer"] == idle.node for e in handed)

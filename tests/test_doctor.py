@@ -413,7 +413,7 @@ def test_home_assistant_birth_seen(broker: EmbeddedBroker) -> None:
         publisher.loop_stop()
     settings = Settings(
         mqtt={"host": "127.0.0.1", "port": broker.port},
-        homeassistant={"discovery_prefix": prefix},
+        homeassistant={"discovery_prefix": prefix, "status_topic": f"{prefix}/status"},
     )
     result = d.check_homeassistant(settings)
     assert result.status == "PASS", result.render()
@@ -422,7 +422,10 @@ def test_home_assistant_birth_seen(broker: EmbeddedBroker) -> None:
 
 def test_home_assistant_absent_is_only_a_warning(broker: EmbeddedBroker) -> None:
     prefix = f"ha-{uuid.uuid4().hex[:10]}"
-    settings = Settings(mqtt={"host": "127.0.0.1", "port": broker.port}, homeassistant={"discovery_prefix": prefix})
+    settings = Settings(
+        mqtt={"host": "127.0.0.1", "port": broker.port},
+        homeassistant={"discovery_prefix": prefix, "status_topic": f"{prefix}/status"},
+    )
     result = d.check_homeassistant(settings, listen=0.5)
     assert result.status == "WARN"
     disabled = d.check_homeassistant(Settings(homeassistant={"enabled": False}))

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from rkllm_mqtt.broker import EmbeddedBroker
 
-from .harness import Daemon, Probe, wait_ready
+from .harness import Daemon, Mosquitto, Probe, mosquitto_binary, wait_ready
 from .helpers import unique_topic
 
 ENTITY_COUNT = 16
@@ -89,3 +91,59 @@ def test_disabled_discovery_removes_the_device(amqtt_broker: EmbeddedBroker, tmp
         first.stop()
         second.stop()
         probe.stop()
+
+
+def _proc_status(pid: int) -> dict[str, str]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        fields[key] = value.strip()
+    return fields
+
+
+@pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads threads and memory from /proc")
+def test_a_storm_of_births_costs_no_threads_and_delays_no_request(tmp_path: Path) -> None:
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    prefix = unique_topic("ha")
+    node = unique_topic("node")
+    probe = Probe(broker.port).start()
+    daemon = Daemon(
+        tmp_path,
+        broker.port,
+        node=node,
+        homeassistant={"discovery_prefix": prefix, "status_topic": f"{prefix}/status", "enabled": True},
+    )
+    try:
+        probe.subscribe(f"{prefix}/#", f"rkllm/{node}/response/#")
+        daemon.start()
+        wait_ready(probe, daemon)
+        probe.wait_for(lambda msgs: len([p for p in configs(probe, prefix, node).values() if p]) >= ENTITY_COUNT)
+        assert daemon.proc is not None
+        before = _proc_status(daemon.proc.pid)
+        assert probe.client is not None
+        for _ in range(5000):
+            probe.client.publish(f"{prefix}/status", b"online", qos=0)
+        # The sentinel: published after every birth, so it is answered only after the daemon has taken them all in.
+        probe.publish(f"rkllm/{node}/prompt", json.dumps({"id": "after-storm", "prompt": "x", "max_new_tokens": 2}))
+        final = probe.wait_json(f"rkllm/{node}/response/after-storm", lambda r: True, timeout=60)
+        assert final["state"] == "done"
+        after = _proc_status(daemon.proc.pid)
+        assert int(after["Threads"]) <= int(before["Threads"]) + 2, "no thread per birth"
+        grown_kb = int(after["VmRSS"].split()[0]) - int(before["VmRSS"].split()[0])
+        assert grown_kb < 8 * 1024, f"RSS grew by {grown_kb} kB"
+        # Discovery is announced again (once per burst), not once per birth.
+        probe.wait_for(
+            lambda msgs: (
+                len([m for m in msgs if m.topic.startswith(f"{prefix}/") and m.topic.endswith("/config")])
+                >= 2 * ENTITY_COUNT
+            ),
+            timeout=30,
+        )
+        announced = len([m for m in probe.messages if m.topic.startswith(f"{prefix}/") and m.topic.endswith("/config")])
+        assert announced < 5000, "not one re-announce per birth"
+    finally:
+        daemon.stop()
+        probe.stop()
+        broker.stop()

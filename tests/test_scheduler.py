@@ -14,132 +14,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from rkllm_mqtt.core.jobs import Admitted, CancelToken, GenerationRequest, GenerationResult, Job, Refused
-from rkllm_mqtt.core.scheduler import Scheduler, SchedulerSnapshot, StreamSink
+from rkllm_mqtt.core.jobs import Admitted, GenerationRequest, GenerationResult, Job, Refused
+from rkllm_mqtt.core.scheduler import Scheduler, SchedulerSnapshot
 from rkllm_mqtt.errors import RequestError
-from rkllm_mqtt.payloads import ModelInfo, RuntimeStatus
 
-WAIT_S = 30.0  # a bound for waits on events that must happen; never reached unless the code under test is broken
-
-
-class FakeRun:
-    """One call of ``generate``: emits ``tokens`` one by one, each when the test allows it."""
-
-    def __init__(self, request: GenerationRequest, cancel: CancelToken, tokens: list[str]) -> None:
-        self.request = request
-        self.cancel = cancel
-        self.tokens = tokens
-        self._cond = threading.Condition()
-        self._allowed = 0
-        self.emitted = 0
-        self.decided = False
-        self.unregister = cancel.on_cancel(self._wake)
-
-    def _wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
-
-    def allow(self, n: int = 1) -> None:
-        with self._cond:
-            self._allowed += n
-            self._cond.notify_all()
-
-    def finish(self) -> None:
-        self.allow(len(self.tokens) + 1)
-
-    def play(self, sink: StreamSink, before_token: Callable[[FakeRun, int], None]) -> GenerationResult:
-        try:
-            for index, token in enumerate(self.tokens):
-                before_token(self, index)
-                with self._cond:
-                    ok = self._cond.wait_for(lambda i=index: self.cancel.cancelled or self._allowed > i, WAIT_S)
-                    assert ok, "the test never allowed this token"
-                    if self.cancel.cancelled:
-                        return self._cancelled()
-                sink.text(token)
-                self.emitted += 1
-            with self._cond:  # the finish: one last look at the token, then the outcome is decided
-                if self.cancel.cancelled:
-                    return self._cancelled()
-                self.decided = True
-            sink.flush()
-            return GenerationResult(
-                "".join(self.tokens), "stop", completion_tokens=len(self.tokens), ttft_ms=5.0, generate_ms=100.0
-            )
-        finally:
-            self.unregister()
-
-    def _cancelled(self) -> GenerationResult:
-        text = "".join(self.tokens[: self.emitted])
-        if self.cancel.reason == "timeout":
-            return GenerationResult(text, "timeout", "timeout", "generation exceeded its time")
-        return GenerationResult(text, "abort", "aborted", "aborted on request", completion_tokens=self.emitted)
-
-
-class FakeRuntime:
-    """Satisfies the scheduler's RuntimeRunner. Runs are gated by the test unless ``free`` is set."""
-
-    def __init__(self, tokens: list[str] | None = None, *, free: bool = False) -> None:
-        self.status: RuntimeStatus = "ready"
-        self.last_error: str | None = None
-        self.abi: str | None = "1.3"
-        self.model_info: ModelInfo | None = None
-        self.tokens = tokens or ["a", "b", "c"]
-        self.free = free
-        self.runs: list[FakeRun] = []
-        self.forgotten: list[str | None] = []
-        self.deadlines: list[float | None] = []
-        self.raise_on_generate: Exception | None = None
-        self.before_run: Callable[[FakeRun], None] = lambda run: None
-        self.before_token: Callable[[FakeRun, int], None] = lambda run, index: None
-        self._cond = threading.Condition()
-        self._active = 0
-        self.max_active = 0
-        self.settled = threading.Event()
-        self.settling = threading.Event()
-        self.settle_waits = 0
-
-    def generate(self, request: GenerationRequest, sink: StreamSink, cancel: CancelToken) -> GenerationResult:
-        if self.raise_on_generate is not None:
-            raise self.raise_on_generate
-        run = FakeRun(request, cancel, list(self.tokens))
-        if self.free:
-            run.finish()
-        with self._cond:
-            self._active += 1
-            self.max_active = max(self.max_active, self._active)
-            self.runs.append(run)
-            self._cond.notify_all()
-        try:
-            if cancel.cancelled:  # checked before rkllm_run starts
-                return run._cancelled()
-            self.deadlines.append(sink.flush_deadline())
-            self.before_run(run)
-            return run.play(sink, self.before_token)
-        finally:
-            with self._cond:
-                self._active -= 1
-
-    def next_run(self, count: int) -> FakeRun:
-        """The ``count``-th run (1-based), once it has started."""
-        with self._cond:
-            assert self._cond.wait_for(lambda: len(self.runs) >= count, WAIT_S)
-            return self.runs[count - 1]
-
-    def forget(self, session: str | None) -> bool:
-        self.forgotten.append(session)
-        return session == "held"
-
-    def unsupported_reason(self, request: GenerationRequest) -> str | None:
-        if request.sampling and self.abi == "1.2":
-            return "sampling needs runtime 1.3"
-        return None
-
-    def wait_settled(self, timeout: float) -> RuntimeStatus:
-        self.settle_waits += 1
-        self.settling.set()
-        self.settled.wait(timeout)
-        return self.status
+from .fakes import WAIT_S, FakeRun, FakeRuntime
 
 
 @dataclass
@@ -150,12 +29,15 @@ class FakeReporter:
     times: tuple[float, float] | None = None
     fail_on: str | None = None
     flushes: int = 0
+    on_started: Callable[[], None] | None = None
 
     def queued(self, job: Job, position: int) -> None:
         self._event("queued", position)
 
     def started(self, job: Job) -> None:
         self._event("started", None)
+        if self.on_started is not None:
+            self.on_started()
 
     def text(self, job: Job, chunk: str) -> None:
         self._event("text", chunk)
@@ -507,6 +389,22 @@ def test_health_is_read_without_side_effects_and_sees_a_wedged_run(runtime: Fake
         sched.shutdown(grace_s=WAIT_S)
 
 
+def test_a_runtime_that_changed_since_admission_refuses_at_the_start(
+    scheduler: Scheduler, runtime: FakeRuntime
+) -> None:
+    first, _ = make_job()
+    submit(scheduler, first)
+    run = runtime.next_run(1)
+    hot, r2 = make_job(sampling={"temperature": 0.5})
+    submit(scheduler, hot)  # admitted on 1.3
+    runtime.abi = "1.2"  # the runtime restarted with another layout
+    run.finish()
+    result = r2.wait()
+    assert result.error_code == "unsupported"
+    assert r2.kinds == ["queued", "started", "finished"]
+    assert scheduler.snapshot().errors_total == 1
+
+
 def test_a_job_started_while_the_runtime_loads_waits_for_it(scheduler: Scheduler, runtime: FakeRuntime) -> None:
     runtime.status = "loading"
     job, reporter = make_job()
@@ -589,23 +487,25 @@ def test_shutdown_lets_the_running_job_finish_within_the_grace(runtime: FakeRunt
 
 # -- abort is never lost ----------------------------------------------------------------------------------
 
-POINTS = ("queued", "before_run", "before_first_token", "mid_stream", "after_finish")
+POINTS = ("queued", "on_started", "before_run", "before_first_token", "mid_stream", "after_finish")
 
 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_an_abort_at_any_point_of_a_run_is_never_lost(seed: int) -> None:
-    """Over 1,000 runs (in two seeds), an abort fired at every point of a run's life: each one before the finish
+    """Over 1,200 runs (in two seeds), an abort fired at every point of a run's life: each one before the finish
     ends the job ``aborted``; one after the finish leaves it ``done``; every job gets exactly one final."""
     rng = random.Random(seed)
     runtime = FakeRuntime(tokens=["t0", "t1", "t2", "t3"], free=True)
     sched = Scheduler(runtime, queue_size=4, hang_grace_s=1.0)
     sched.start()
     try:
-        for iteration in range(500):
+        for iteration in range(600):
             point = POINTS[iteration % len(POINTS)]
             target_token = rng.randrange(1, 4)
             job, reporter = make_job(f"s{seed}-{iteration}")
             fired: list[str] = []
+            if point == "on_started":  # the scheduler has taken the job; generate is not called yet
+                reporter.on_started = lambda job=job, fired=fired: fired.append(sched.abort(job.id))
 
             def fire(job: Job = job, fired: list[str] = fired) -> None:
                 fired.append(sched.abort(job.id))

@@ -126,6 +126,8 @@ class MqttDoor:
         scheduler: Scheduler,
         runtime: RuntimeView,
         extensions: Sequence[Extension] = (),
+        *,
+        inbox_size: int = INBOX_SIZE,
         ledger: SettledLedger | None = None,
     ) -> None:
         self.settings = settings
@@ -143,7 +145,7 @@ class MqttDoor:
         self.cluster = settings.cluster.enabled
         self.peers = PeerTable(self.topics)
         self.publisher: Publisher | None = None
-        self.dispatcher: Dispatcher[InboxItem] = Dispatcher(self._handle, capacity=INBOX_SIZE)
+        self.dispatcher: Dispatcher[InboxItem] = Dispatcher(self._handle, capacity=inbox_size)
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
         self._last_final: FinalResponse | None = None
@@ -317,14 +319,18 @@ class MqttDoor:
         return self.runtime.model_info
 
     def republish_status(self) -> None:
+        self._publish_runtime_status()
+        if self._last_final is not None:
+            assert self.publisher is not None
+            self.publisher.last(self._last_final)
+
+    def _publish_runtime_status(self) -> None:
         assert self.publisher is not None
         self.publisher.health(self.health_payload())
         self.on_change()
         info = self.runtime.model_info
         if info is not None:
             self.publisher.model(info)
-        if self._last_final is not None:
-            self.publisher.last(self._last_final)
 
     # -- the dispatcher thread --------------------------------------------------------------------------------
 
@@ -342,7 +348,7 @@ class MqttDoor:
             for extension in self.extensions:
                 extension.on_connected()
         else:
-            self.republish_status()
+            self._publish_runtime_status()
             for extension in self.extensions:
                 extension.on_runtime_change()
 
@@ -642,7 +648,7 @@ class MqttDoor:
                 self._reject(
                     Rejection(
                         "queue_full",
-                        f"the bridge's inbox holds {INBOX_SIZE} messages: try again later",
+                        f"the bridge's inbox holds {self.dispatcher.capacity} messages: try again later",
                         parsed.id,
                         parsed.reply_topic,
                         parsed.correlation_data,
@@ -660,7 +666,13 @@ class MqttDoor:
         if handled != "answered":
             self._settle(message.delivery)
         if self._overflowed % _OVERFLOW_LOG_EVERY == 1:
-            log.warning("inbox_full", capacity=INBOX_SIZE, topic=topic, handled=handled, overflowed=self._overflowed)
+            log.warning(
+                "inbox_full",
+                capacity=self.dispatcher.capacity,
+                topic=topic,
+                handled=handled,
+                overflowed=self._overflowed,
+            )
 
 
 def _readable_id(payload: bytes) -> str | None:

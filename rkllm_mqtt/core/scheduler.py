@@ -33,7 +33,6 @@ import structlog
 from rkllm_mqtt.core.jobs import (
     Admission,
     Admitted,
-    CancelReason,
     CancelToken,
     GenerationRequest,
     GenerationResult,
@@ -88,9 +87,11 @@ class RuntimeRunner(Protocol):
     def model_info(self) -> ModelInfo | None: ...
 
     def generate(self, request: GenerationRequest, sink: StreamSink, cancel: CancelToken) -> GenerationResult:
-        """Run one request. Returns when it is over; ``cancel`` stops it (abort, timeout, shutdown).
+        """Run one request. Returns when it is over; ``cancel`` stops it (abort, timeout, shutdown, disconnect),
+        also when it is cancelled already: then nothing runs and the result says why.
 
-        May raise :class:`~rkllm_mqtt.errors.RequestError` when it cannot run at all (not ready)."""
+        Raises :class:`~rkllm_mqtt.errors.RequestError` when it cannot run at all (``not_ready``, ``unsupported``).
+        """
         ...
 
     def forget(self, session: str | None) -> bool: ...
@@ -149,14 +150,6 @@ def unrun(code: ErrorCode, message: str) -> GenerationResult:
     """The result of a job that ended without reaching the runtime."""
     reason: FinishReason = "abort" if code == "aborted" else "timeout" if code == "timeout" else "error"
     return GenerationResult("", reason, code, message)
-
-
-_CANCELLED_BEFORE_START: dict[CancelReason, tuple[ErrorCode, str]] = {
-    "abort": ("aborted", "aborted before it started"),
-    "timeout": ("timeout", "timed out before it started"),
-    "shutdown": ("aborted", "the bridge is shutting down"),
-    "disconnect": ("aborted", "the client went away before it started"),
-}
 
 
 class _ReporterSink:
@@ -405,11 +398,7 @@ class Scheduler:
                 if remaining <= 0:
                     break
                 self.runtime.wait_settled(min(_SETTLE_SLICE_S, remaining))
-        if cancel.reason is not None:
-            return unrun(*_CANCELLED_BEFORE_START[cancel.reason])
-        unsupported = self.runtime.unsupported_reason(request)  # the runtime may have changed since admission
-        if unsupported is not None:
-            return unrun("unsupported", unsupported)
+        # A token cancelled by now, or a runtime changed since admission, is the runtime's to answer.
         try:
             return self.runtime.generate(request, _ReporterSink(job), cancel)
         except RequestError as exc:

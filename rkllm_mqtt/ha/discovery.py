@@ -15,7 +15,7 @@ from functools import lru_cache
 from importlib import metadata
 from typing import get_args
 
-from rkllm_mqtt import __version__
+from rkllm_mqtt import DISTRIBUTION, __version__
 from rkllm_mqtt.payloads import BridgeStatus, FinalResponse, ModelInfo
 from rkllm_mqtt.settings import Settings
 from rkllm_mqtt.topics import Topics
@@ -39,7 +39,6 @@ from .models import (
 
 ORIGIN_NAME = "rkllm-mqtt"
 MANUFACTURER = "rkllm-mqtt"
-DISTRIBUTION = "rkllm-mqtt"
 EVENT_TYPES: tuple[HaEventType, ...] = get_args(HaEventType)
 HA_ONLINE = b"online"
 

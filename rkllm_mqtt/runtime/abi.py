@@ -23,10 +23,13 @@ __all__ = [
     "LIBRARY_SEARCH_DIRS",
     "AbiDecision",
     "abi_for_version",
+    "check_init_version",
     "decide_abi",
     "read_runtime_version",
     "resolve_library",
+    "sim_layout",
     "sim_library_path",
+    "version_in_log_line",
 ]
 
 # The digits may carry a short suffix (1.2.1b1). The suffix is bounded so a match is always shorter than the
@@ -217,3 +220,42 @@ def _default_search_dirs() -> list[Path]:
         if directory not in dirs:
             dirs.append(directory)
     return dirs
+
+
+def sim_layout(configured: str) -> str:
+    """The build of the simulated runtime for ``runtime.abi``: one build per layout, and "auto" takes 1.3."""
+    return "1.3" if configured == "auto" else configured
+
+
+_LOG_VERSION_RE: Final = re.compile(_VERSION_RE.pattern.decode("ascii"))
+
+
+def version_in_log_line(line: str) -> str | None:
+    """The version in a runtime log line such as ``I rkllm: rkllm-runtime version: 1.2.1, rknpu driver ...``."""
+    match = _LOG_VERSION_RE.search(line)
+    return match.group(1) if match else None
+
+
+def check_init_version(said: str, abi: str, configured: str) -> str | None:
+    """Why the layout ``abi`` cannot be used with a runtime that said ``rkllm-runtime version: said`` during
+    rkllm_init, or None when they agree (or the version's layout is unknown: set by hand, that is the user's
+    word). ``configured`` is ``runtime.abi``, so the message can say whose choice ``abi`` was."""
+    kind = _classify(said)
+    if kind not in _SIM_TAGS and kind != "old":
+        return None
+    if kind == abi:
+        return None
+    if configured == "auto":
+        chosen = f'runtime.abi = "auto" chose the "{abi}" layout'
+    else:
+        chosen = f'runtime.abi = "{configured}" is set'
+    if kind == "old":
+        return (
+            f"{chosen}, but the runtime said rkllm-runtime version {said} during rkllm_init, which uses an "
+            "older, unsupported layout; install runtime 1.2.1 or newer"
+        )
+    return (
+        f"{chosen}, but the runtime said rkllm-runtime version {said} during rkllm_init, which has the "
+        f'"{kind}" layout; binding it with the "{abi}" layout crashes sooner or later. '
+        f'Set runtime.abi = "{kind}" in the configuration'
+    )

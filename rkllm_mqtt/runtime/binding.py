@@ -21,8 +21,16 @@ from typing import Any, Final
 
 from cffi import FFI
 
-from rkllm_mqtt.errors import AbiError, RkllmMqttError, RuntimeCallError, RuntimeLoadError
-from rkllm_mqtt.runtime.cdefs import ABIS, cdef_for
+from rkllm_mqtt.errors import AbiError, RequestError, RuntimeCallError, RuntimeLoadError
+from rkllm_mqtt.runtime.cdefs import (
+    ABIS,
+    STATE_ERROR,
+    STATE_FINISH,
+    STATE_NORMAL,
+    STATE_WAITING,
+    cdef_for,
+    per_request_refusal,
+)
 
 __all__ = [
     "STATE_ERROR",
@@ -34,20 +42,7 @@ __all__ = [
     "ResultHandler",
     "RkllmBinding",
     "Sampling",
-    "UnsupportedOnAbi",
 ]
-
-# LLMCallState values (the same in every supported runtime).
-STATE_NORMAL: Final = 0
-STATE_WAITING: Final = 1  # text holds the first bytes of a UTF-8 character whose rest follows
-STATE_FINISH: Final = 2
-STATE_ERROR: Final = 3
-
-
-class UnsupportedOnAbi(RkllmMqttError):  # noqa: N818 - name fixed by the worker's interface
-    """The request needs something this runtime's ABI cannot express (per-request sampling on 1.2)."""
-
-    code = "unsupported"
 
 
 @dataclass(frozen=True)
@@ -88,8 +83,12 @@ class Sampling:
     temperature: float | None = None
     repeat_penalty: float | None = None
 
+    def names(self) -> list[str]:
+        """The settings this request changes."""
+        return [name for name in ("top_k", "top_p", "temperature", "repeat_penalty") if getattr(self, name) is not None]
+
     def is_empty(self) -> bool:
-        return self.top_k is None and self.top_p is None and self.temperature is None and self.repeat_penalty is None
+        return not self.names()
 
 
 ResultHandler = Callable[[int, bytes | None, PerfStats | None], None]
@@ -247,16 +246,18 @@ class RkllmBinding:
     ) -> None:
         """rkllm_run: blocks until the reply is finished, aborted or failed; results go to the handler.
 
-        ``max_new_tokens`` (<= 0 means the init value) and ``sampling`` need ABI 1.3; on 1.2 they raise
-        :class:`UnsupportedOnAbi` (the caller enforces a token cap on 1.2 itself).
+        ``max_new_tokens`` (<= 0 means the init value) and ``sampling`` need ABI 1.3; on 1.2 they are refused
+        with code ``unsupported`` (the worker enforces a token cap on 1.2 itself).
         """
         ffi, lib = self._require_open()
         handle = self._require_handle()
-        if self._abi == "1.2":
-            if max_new_tokens is not None:
-                raise UnsupportedOnAbi("per-request max_new_tokens needs runtime ABI 1.3 (this runtime has 1.2)")
-            if sampling is not None and not sampling.is_empty():
-                raise UnsupportedOnAbi("per-request sampling settings need runtime ABI 1.3 (this runtime has 1.2)")
+        refusal = per_request_refusal(
+            self._abi,
+            sampling=sampling.names() if sampling is not None else (),
+            max_new_tokens=max_new_tokens is not None,
+        )
+        if refusal is not None:
+            raise RequestError("unsupported", refusal)
         if "\x00" in prompt:
             raise ValueError("the prompt contains a NUL character, which C would cut it at")
         if save_prompt_cache and prompt_cache_path is None:

@@ -12,11 +12,47 @@ write past what we allocated. ``tests/test_abi_layout.py`` pins every size and o
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Final
 
-__all__ = ["ABIS", "cdef_for"]
+__all__ = [
+    "ABIS",
+    "STATE_ERROR",
+    "STATE_FINISH",
+    "STATE_NORMAL",
+    "STATE_WAITING",
+    "cdef_for",
+    "per_request_refusal",
+]
 
 ABIS: Final = ("1.2", "1.3")
+
+# LLMCallState values (the same in every supported runtime).
+STATE_NORMAL: Final = 0
+STATE_WAITING: Final = 1  # text holds the first bytes of a UTF-8 character whose rest follows
+STATE_FINISH: Final = 2
+STATE_ERROR: Final = 3
+
+
+def per_request_refusal(abi: str, *, sampling: Collection[str] = (), max_new_tokens: bool = False) -> str | None:
+    """Why a run with per-request sampling settings (their names in ``sampling``), or a per-run token cap, cannot
+    be expressed in layout ``abi``; None when it can.
+
+    Only the 1.3 layout's RKLLMInferParam carries sampling settings and max_new_tokens; 1.2 has no field for
+    them. (On 1.2 the worker enforces a request's max_new_tokens itself, so only the binding refuses it.)
+    """
+    if abi != "1.2":
+        return None
+    if sampling:
+        names = ", ".join(sorted(sampling))
+        return (
+            f"per-request {names} need runtime 1.3; the loaded runtime uses the 1.2 layout "
+            "(max_new_tokens works on both)"
+        )
+    if max_new_tokens:
+        return "a per-run max_new_tokens needs runtime 1.3; the loaded runtime uses the 1.2 layout"
+    return None
+
 
 # Shared by both layouts. Enums are int-sized in both the vendor's C++ build and cffi.
 _ENUMS = """

@@ -18,6 +18,10 @@ from typing import Any
 
 HEADER = struct.Struct("!BI")
 
+# The line the worker prints once rkllm_init has returned and the C streams are flushed: every line the
+# runtime printed during rkllm_init (its version line among them) came before it, on the same pipe.
+INIT_OUTPUT_END = "rkllm-mqtt worker: end of rkllm_init output"
+
 
 class EventKind(IntEnum):
     READY = 1  # model loaded: JSON model info
@@ -57,29 +61,35 @@ def write_all(fd: int, data: bytes) -> None:
 
 
 class EventReader:
-    """Reads frames from a pipe; ``read()`` blocks and returns None at end of file."""
+    """Splits the bytes of the event pipe into frames.
+
+    ``read_ready()`` does one ``os.read`` (call it when the pipe is readable: poll said so) and returns every
+    frame that is complete; a frame cut by the read waits in the buffer for the rest. ``eof`` turns True when
+    the worker's end is closed (it exited or was killed).
+    """
 
     def __init__(self, fd: int) -> None:
-        self._fd = fd
-        self._buffer = bytearray()
+        self.fd = fd
+        self.eof = False
+        self._buffer = b""
 
-    def _fill(self, size: int) -> bool:
-        while len(self._buffer) < size:
-            data = os.read(self._fd, 65536)
-            if not data:
-                return False
-            self._buffer += data
-        return True
-
-    def read(self) -> Event | None:
-        if not self._fill(HEADER.size):
-            return None
-        kind, length = HEADER.unpack_from(self._buffer)
-        if not self._fill(HEADER.size + length):
-            return None
-        payload = bytes(self._buffer[HEADER.size : HEADER.size + length])
-        del self._buffer[: HEADER.size + length]
-        return Event(EventKind(kind), payload)
+    def read_ready(self) -> list[Event]:
+        data = os.read(self.fd, 65536)
+        if not data:
+            self.eof = True
+            return []
+        buffer = self._buffer + data if self._buffer else data
+        events: list[Event] = []
+        at, size = 0, len(buffer)
+        while size - at >= HEADER.size:
+            kind, length = HEADER.unpack_from(buffer, at)
+            end = at + HEADER.size + length
+            if end > size:
+                break
+            events.append(Event(EventKind(kind), buffer[at + HEADER.size : end]))
+            at = end
+        self._buffer = buffer[at:]
+        return events
 
 
 def encode_command(op: str, **fields: Any) -> bytes:

@@ -1,146 +1,68 @@
 """The runtime supervisor: owns the worker process from the parent's side.
 
-It starts the worker and waits for the model to load, restarts it with backoff when it dies or
-fails to start, runs one generation at a time (``generate`` blocks the calling thread and streams
-decoded text to a sink), enforces the request's timeout (abort first, kill after ``hang_grace_s``)
-and keeps track of what the runtime's single KV cache holds, so that no request sees another
-conversation's history.
+It starts the worker and waits for the model to load, restarts it with backoff when it dies or fails to
+start, runs one generation at a time (``generate`` blocks the calling thread, streams decoded text to a sink
+and stops when the request's cancel token says so) and keeps track of what the runtime's single KV cache
+holds, so that no request sees another conversation's history. How a run is driven is in
+:mod:`rkllm_mqtt.runtime.runloop`; the worker's side of it in docs/runtime.md.
 """
 
 from __future__ import annotations
 
-import codecs
-import collections
-import contextlib
 import json
 import os
-import queue
-import signal
+import select
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import structlog
 
-from rkllm_mqtt.errors import ErrorCode, RequestError
-from rkllm_mqtt.payloads import FinishReason, ModelInfo, RuntimeStatus
-from rkllm_mqtt.runtime.protocol import Event, EventKind, EventReader, encode_command
+from rkllm_mqtt.core.jobs import CancelToken, GenerationRequest, GenerationResult
+from rkllm_mqtt.errors import RequestError
+from rkllm_mqtt.payloads import ModelInfo, RuntimeStatus
+from rkllm_mqtt.runtime.abi import check_init_version, version_in_log_line
+from rkllm_mqtt.runtime.cdefs import per_request_refusal
+from rkllm_mqtt.runtime.kvcache import KvCache
+from rkllm_mqtt.runtime.protocol import INIT_OUTPUT_END, Event, EventKind, EventReader
+from rkllm_mqtt.runtime.runloop import RunLoop, StreamSink, WakePipe, cancel_result
+from rkllm_mqtt.runtime.workerproc import WorkerHandle, describe_exit, worker_command, worker_environment
 from rkllm_mqtt.settings import Settings
+
+__all__ = ["RuntimeSupervisor", "StreamSink", "describe_exit", "is_error_line"]
 
 log = structlog.get_logger(__name__)
 
 LOAD_TIMEOUT_S = 600.0
-ABORT_RESEND_S = 0.5
+# How long the end of rkllm_init's output may trail the READY event (two pipes, read by two threads).
+INIT_LOG_GRACE_S = 30.0
 SIM_DEFAULT_MODEL = "sim:"
-_LOG_TAIL = 30
 
 
-class StreamSink(Protocol):
-    """Receives decoded text as it arrives; may buffer it until ``flush_deadline``."""
-
-    def text(self, chunk: str) -> None: ...
-
-    def flush_deadline(self) -> float | None: ...
-
-    def flush(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    prompt: str
-    timeout_s: float
-    session: str | None = None
-    system: str | None = None
-    max_new_tokens: int | None = None
-    sampling: dict[str, float] | None = None
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    finish_reason: FinishReason
-    error_code: ErrorCode | None = None
-    error_message: str | None = None
-    completion_tokens: int = 0
-    prompt_tokens: int | None = None
-    ttft_ms: float | None = None
-    generate_ms: float = 0.0
-    perf: dict[str, Any] | None = None
-
-
-class _Dirty:
-    """Marks a KV cache whose contents are unknown (after an error): clear before the next run."""
-
-
-DIRTY = _Dirty()
-KvOwner = str | None | _Dirty
-
-
-@dataclass
-class _WorkerHandle:
-    proc: subprocess.Popen[bytes]
-    event_fd: int
-    started: threading.Event = field(default_factory=threading.Event)
-    dead: threading.Event = field(default_factory=threading.Event)
-    startup: Event | None = None
-    runs: queue.Queue[Event | str | None] = field(default_factory=queue.Queue)
-    log_tail: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=_LOG_TAIL))
-    log_done: threading.Event = field(default_factory=threading.Event)
-    kill_reason: str | None = None
-    send_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def send(self, op: str, **fields: Any) -> bool:
-        stdin = self.proc.stdin
-        if stdin is None:
-            return False
-        try:
-            with self.send_lock:
-                stdin.write(encode_command(op, **fields))
-                stdin.flush()
-        except (BrokenPipeError, OSError, ValueError):
-            return False
-        return True
-
-    def kill(self, reason: str) -> None:
-        self.kill_reason = reason
-        with contextlib.suppress(ProcessLookupError):
-            self.proc.kill()
-
-
-def describe_exit(returncode: int | None) -> str:
-    if returncode is None:
-        return "still running"
-    if returncode < 0:
-        try:
-            return f"killed by {signal.Signals(-returncode).name}"
-        except ValueError:
-            return f"killed by signal {-returncode}"
-    return f"exited with status {returncode}"
+def is_error_line(line: str) -> bool:
+    """A runtime log line that reports an error: the vendor's ``E rkllm: ...`` form, or any line saying error."""
+    return line.startswith(("E ", "E:")) or " E " in line[:12] or "error" in line.lower()
 
 
 class RuntimeSupervisor:
     def __init__(self, settings: Settings, on_change: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.on_change = on_change or (lambda: None)
-        self._state_lock = threading.Lock()
+        self._status_lock = threading.Lock()
+        self._status_changed = threading.Condition(self._status_lock)
         self._run_lock = threading.Lock()
-        self._ready_cond = threading.Condition(self._state_lock)
         self._stopping = threading.Event()
         self._manager: threading.Thread | None = None
-        self._handle: _WorkerHandle | None = None
+        self._handle: WorkerHandle | None = None
+        self._wake: WakePipe | None = None
         self._status: RuntimeStatus = "loading"
         self._last_error: str | None = None
         self._model_info: ModelInfo | None = None
         self._restarts = 0
-        self._kv_owner: KvOwner = None
-        self._kv_system: str | None = None
-        self._forget_pending = False
-        self._running = False
+        self._kv = KvCache()
 
     # -- public state -----------------------------------------------------------------------------
 
@@ -164,6 +86,12 @@ class RuntimeSupervisor:
     def abi(self) -> str | None:
         return self._model_info.abi if self._model_info else None
 
+    @property
+    def worker_pid(self) -> int | None:
+        """The pid of the current worker process (for diagnostics and measurements)."""
+        handle = self._handle
+        return handle.proc.pid if handle is not None and not handle.dead.is_set() else None
+
     def alive(self) -> bool:
         """The supervising thread is running (it restarts the worker whatever happens to it)."""
         return self._manager is not None and self._manager.is_alive()
@@ -171,52 +99,58 @@ class RuntimeSupervisor:
     def wait_ready(self, timeout: float) -> bool:
         """Wait until the runtime is ready (True) or has failed / the time is up (False)."""
         deadline = time.monotonic() + timeout
-        with self._ready_cond:
+        with self._status_changed:
             while self._status != "ready":
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopping.is_set():
                     return False
-                self._ready_cond.wait(remaining)
+                self._status_changed.wait(remaining)
             return True
 
     def wait_settled(self, timeout: float) -> RuntimeStatus:
         """Wait until the runtime is ready or failed; returns the status then."""
         deadline = time.monotonic() + timeout
-        with self._ready_cond:
+        with self._status_changed:
             while self._status not in ("ready", "failed"):
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopping.is_set():
                     break
-                self._ready_cond.wait(remaining)
+                self._status_changed.wait(remaining)
             return self._status
 
     # -- lifecycle ----------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._wake = WakePipe.open()
         self._manager = threading.Thread(target=self._manage, name="runtime-supervisor", daemon=True)
         self._manager.start()
 
     def stop(self, timeout: float = 10.0) -> None:
         self._stopping.set()
-        with self._ready_cond:
-            self._ready_cond.notify_all()
+        with self._status_changed:
+            self._status_changed.notify_all()
         handle = self._handle
         if handle is not None:
             handle.send("shutdown")
-            try:
-                handle.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
+            if handle.wait_exit(timeout) is None:
                 handle.kill("stopping")
-                handle.proc.wait(5)
+                handle.wait_exit(5)
         if self._manager is not None:
             self._manager.join(timeout)
+        # The wake-up pipe goes only when no run can be using it.
+        if self._wake is not None and self._run_lock.acquire(timeout=timeout):
+            try:
+                self._wake.close()
+                self._wake = None
+            finally:
+                self._run_lock.release()
 
     def _set_status(self, status: RuntimeStatus, error: str | None = None) -> None:
-        with self._ready_cond:
+        with self._status_changed:
             self._status = status
             if error is not None:
                 self._last_error = error
-            self._ready_cond.notify_all()
+            self._status_changed.notify_all()
         self.on_change()
 
     def _manage(self) -> None:
@@ -231,14 +165,17 @@ class RuntimeSupervisor:
             if self._status != "failed":
                 self._set_status("loading" if attempts == 1 else "restarting")
             handle = self._spawn()
-            if handle is not None and self._await_startup(handle):
-                backoff = self.settings.runtime.restart_backoff_s
-                handle.dead.wait()
-                if self._stopping.is_set():
-                    break
-                reason = handle.kill_reason or describe_exit(handle.proc.wait())
-                log.error("runtime_worker_died", reason=reason, restarts=self._restarts + 1)
-                self._set_status("restarting", f"runtime worker {reason}; restarting")
+            if handle is not None:
+                ready = self._await_startup(handle)
+                returncode = handle.proc.wait()
+                with self._run_lock:  # a run on this worker has seen its end too
+                    handle.dead.set()
+                    os.close(handle.events.fd)
+                if ready and not self._stopping.is_set():
+                    backoff = self.settings.runtime.restart_backoff_s
+                    reason = handle.kill_reason or describe_exit(returncode)
+                    log.error("runtime_worker_died", reason=reason, restarts=self._restarts + 1)
+                    self._set_status("restarting", f"runtime worker {reason}; restarting")
             if self._stopping.wait(backoff):
                 break
             backoff = min(backoff * 2, self.settings.runtime.restart_backoff_max_s)
@@ -283,18 +220,16 @@ class RuntimeSupervisor:
             return "simulated"
         return Path(rt.model_path).stem
 
-    def _spawn(self) -> _WorkerHandle | None:
+    def _spawn(self) -> WorkerHandle | None:
         read_fd, write_fd = os.pipe()
-        env = dict(os.environ)
-        env.pop("NOTIFY_SOCKET", None)  # only the daemon talks to systemd
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "rkllm_mqtt.runtime.worker", "--event-fd", str(write_fd)],
+                worker_command(write_fd),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
                 pass_fds=(write_fd,),
-                env=env,
+                env=worker_environment(os.environ),
                 start_new_session=True,  # a Ctrl-C in the terminal reaches the daemon only
             )
         except OSError as exc:
@@ -303,9 +238,8 @@ class RuntimeSupervisor:
             self._set_status("failed", f"cannot start the runtime worker: {exc}")
             return None
         os.close(write_fd)
-        handle = _WorkerHandle(proc=proc, event_fd=read_fd)
+        handle = WorkerHandle(proc=proc, events=EventReader(read_fd))
         self._handle = handle
-        threading.Thread(target=self._read_events, args=(handle,), name="runtime-events", daemon=True).start()
         threading.Thread(target=self._read_logs, args=(handle,), name="runtime-log", daemon=True).start()
         log.info("runtime_worker_started", pid=proc.pid, library=self.settings.runtime.resolved_library())
         if proc.stdin is not None:
@@ -313,60 +247,95 @@ class RuntimeSupervisor:
                 proc.stdin.write((json.dumps(self._worker_config()) + "\n").encode("utf-8"))
                 proc.stdin.flush()
             except OSError:
-                pass  # the worker died at once; the event reader reports it
+                pass  # the worker died at once; start-up sees the end of its event pipe
         return handle
 
-    def _await_startup(self, handle: _WorkerHandle) -> bool:
-        if not handle.started.wait(LOAD_TIMEOUT_S):
+    def _startup_event(self, handle: WorkerHandle) -> Event | None:
+        """The worker's first event (READY or INIT_FAILED), read on this thread; None if the worker ended
+        first. Raises TimeoutError when loading takes longer than LOAD_TIMEOUT_S."""
+        deadline = time.monotonic() + LOAD_TIMEOUT_S
+        events: list[Event] = []
+        while not events and not handle.events.eof:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError
+            readable, _, _ = select.select([handle.events.fd], [], [], remaining)
+            if readable:
+                events = handle.events.read_ready()
+        # The worker writes nothing after its start-up event until it is asked to run.
+        return events[0] if events else None
+
+    def _await_startup(self, handle: WorkerHandle) -> bool:
+        """Wait for the worker to load the model; True once the runtime is ready. On a failure the worker is
+        ended (or ends by itself) and the status says why."""
+        try:
+            event = self._startup_event(handle)
+        except TimeoutError:
             handle.kill("did not finish loading the model in time")
             self._set_status("failed", f"runtime did not load the model within {LOAD_TIMEOUT_S:.0f} s")
             return False
-        event = handle.startup
-        if event is not None and event.kind == EventKind.READY:
-            info = event.json()
-            rt = self.settings.runtime
-            self._model_info = ModelInfo(
-                model_path=self.model_path,
-                model_name=self.model_name,
-                abi=info["abi"],
-                abi_reason=info.get("abi_reason", ""),
-                runtime_version=info.get("runtime_version"),
-                library=info["library"],
-                max_context_len=rt.max_context_len,
-                max_new_tokens=rt.max_new_tokens,
-                top_k=rt.top_k,
-                top_p=rt.top_p,
-                temperature=rt.temperature,
-                repeat_penalty=rt.repeat_penalty,
-                frequency_penalty=rt.frequency_penalty,
-                presence_penalty=rt.presence_penalty,
-                load_time_ms=round(float(info["load_time_ms"]), 1),
-                loaded_at=float(info["loaded_at"]),
-                lora_adapters=[a.name for a in rt.lora_adapters],
-            )
-            with self._state_lock:
-                self._kv_owner = None
-                self._kv_system = None
-            log.info(
-                "runtime_ready",
-                model=self.model_name,
-                abi=info["abi"],
-                abi_reason=info.get("abi_reason"),
-                load_ms=self._model_info.load_time_ms,
-            )
-            self._set_status("ready")
-            return True
-        message = self._startup_failure(handle, event)
-        log.error("runtime_failed", error=message)
-        self._set_status("failed", message)
-        return False
+        if event is None or event.kind != EventKind.READY:
+            message = self._startup_failure(handle, event)
+            log.error("runtime_failed", error=message)
+            self._set_status("failed", message)
+            handle.kill("failed to start")
+            return False
+        info = event.json()
+        refusal = self._check_said_version(handle, str(info["abi"]))
+        if refusal is not None:
+            handle.send("shutdown")  # before any rkllm_run
+            if handle.wait_exit(10) is None:
+                handle.kill("refused: wrong ABI layout")
+            log.error("runtime_failed", error=refusal)
+            self._set_status("failed", refusal)
+            return False
+        rt = self.settings.runtime
+        self._model_info = ModelInfo(
+            model_path=self.model_path,
+            model_name=self.model_name,
+            abi=info["abi"],
+            abi_reason=info.get("abi_reason", ""),
+            runtime_version=info.get("runtime_version") or handle.said_version,
+            library=info["library"],
+            max_context_len=rt.max_context_len,
+            max_new_tokens=rt.max_new_tokens,
+            top_k=rt.top_k,
+            top_p=rt.top_p,
+            temperature=rt.temperature,
+            repeat_penalty=rt.repeat_penalty,
+            frequency_penalty=rt.frequency_penalty,
+            presence_penalty=rt.presence_penalty,
+            load_time_ms=round(float(info["load_time_ms"]), 1),
+            loaded_at=float(info["loaded_at"]),
+            lora_adapters=[a.name for a in rt.lora_adapters],
+        )
+        self._kv.reset()
+        log.info(
+            "runtime_ready",
+            model=self.model_name,
+            abi=info["abi"],
+            abi_reason=info.get("abi_reason"),
+            load_ms=self._model_info.load_time_ms,
+        )
+        self._set_status("ready")
+        return True
 
-    def _startup_failure(self, handle: _WorkerHandle, event: Event | None) -> str:
+    def _check_said_version(self, handle: WorkerHandle, abi: str) -> str | None:
+        """Whether what the runtime printed during rkllm_init contradicts the layout in use (docs/runtime.md)."""
+        if not handle.init_logged.wait(INIT_LOG_GRACE_S):
+            log.warning("runtime_init_output_missing", waited_s=INIT_LOG_GRACE_S)
+            return None
+        said = handle.said_version
+        if said is None:
+            log.info("runtime_version_not_logged", abi=abi)
+            return None
+        return check_init_version(said, abi, self.settings.runtime.abi)
+
+    def _startup_failure(self, handle: WorkerHandle, event: Event | None) -> str:
         # Let the worker exit and its last log lines arrive: they often hold the real cause.
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            handle.proc.wait(5)
+        handle.wait_exit(5)
         handle.log_done.wait(2)
-        said = [line for line in handle.log_tail if line.startswith(("E ", "E:")) or " E " in line[:12]]
+        said = [line for line in handle.log_tail if is_error_line(line)]
         if event is None:
             detail = f"runtime worker {describe_exit(handle.proc.poll())} while loading"
             if handle.log_tail:
@@ -387,27 +356,7 @@ class RuntimeSupervisor:
 
     # -- worker output ------------------------------------------------------------------------------
 
-    def _read_events(self, handle: _WorkerHandle) -> None:
-        reader = EventReader(handle.event_fd)
-        try:
-            while True:
-                event = reader.read()
-                if event is None:
-                    break
-                if event.kind in (EventKind.READY, EventKind.INIT_FAILED):
-                    handle.startup = event
-                    handle.started.set()
-                else:
-                    handle.runs.put(event)
-        finally:
-            os.close(handle.event_fd)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                handle.proc.wait(10)
-            handle.dead.set()
-            handle.started.set()
-            handle.runs.put(None)
-
-    def _read_logs(self, handle: _WorkerHandle) -> None:
+    def _read_logs(self, handle: WorkerHandle) -> None:
         stream = handle.proc.stdout
         if stream is None:
             return
@@ -415,8 +364,13 @@ class RuntimeSupervisor:
             line = raw.decode("utf-8", errors="replace").rstrip()
             if not line:
                 continue
+            if line == INIT_OUTPUT_END:
+                handle.init_logged.set()
+                continue
+            if not handle.init_logged.is_set() and handle.said_version is None:
+                handle.said_version = version_in_log_line(line)
             handle.log_tail.append(line)
-            if line.startswith("E ") or "error" in line.lower():
+            if is_error_line(line):
                 log.warning("runtime_log", line=line)
             else:
                 log.info("runtime_log", line=line)
@@ -429,224 +383,83 @@ class RuntimeSupervisor:
 
         Returns True when the cache held that conversation.
         """
-        with self._state_lock:
-            if self._kv_owner is None or (session is not None and self._kv_owner != session):
-                return False
-            if self._running:
-                self._forget_pending = True
-            else:
-                self._kv_owner = DIRTY
-            return True
+        return self._kv.forget(session)
 
     # -- generation -------------------------------------------------------------------------------------
 
-    def abort(self) -> None:
-        """Abort the running generation, if any. Returns at once; ``generate`` reports the outcome."""
-        handle = self._handle
-        if handle is not None and self._running:
-            handle.runs.put("abort")
+    def unsupported_reason(self, request: GenerationRequest) -> str | None:
+        """Why the runtime cannot run ``request`` as asked (code ``unsupported``), or None.
 
-    def generate(self, request: GenerationRequest, sink: StreamSink) -> GenerationResult:
+        Before the model is loaded the layout is known only when ``runtime.abi`` names it; ``generate`` asks
+        again once it is.
+        """
+        abi = self.abi or (self.settings.runtime.abi if self.settings.runtime.abi != "auto" else None)
+        if abi is None:
+            return None
+        return per_request_refusal(abi, sampling=list(request.sampling or ()))
+
+    def system_prompt(self, request: GenerationRequest) -> str | None:
+        """The system prompt a request runs with: its own, or the configured one."""
+        return request.system if request.system is not None else self.settings.runtime.system_prompt
+
+    def generate(self, request: GenerationRequest, sink: StreamSink, cancel: CancelToken) -> GenerationResult:
+        """Run ``request`` to its end, streaming text to ``sink``; blocks the calling thread.
+
+        ``cancel`` stops it: checked before the run starts and at every wake-up of the run loop. Its reason
+        decides the result: ``timeout`` gives finish_reason ``timeout``, every other reason ``abort`` (code
+        ``aborted``). The request's ``timeout_s`` is enforced by cancelling the token with reason ``timeout``.
+        Raises RequestError (``not_ready``, ``unsupported``) when the request cannot be run at all.
+        """
+        if cancel.cancelled:  # stopped before it could start, whatever the runtime's state
+            return cancel_result(cancel, "", request.timeout_s)
         with self._run_lock:
-            handle = self._handle
-            if self._status != "ready" or handle is None or handle.dead.is_set():
+            handle, wake = self._handle, self._wake
+            if self._status != "ready" or handle is None or wake is None or handle.dead.is_set():
                 raise RequestError("not_ready", self._not_ready_message())
-            abi = self._model_info.abi if self._model_info else "1.3"
-            if abi == "1.2" and request.sampling:
-                raise RequestError(
-                    "unsupported",
-                    "per-request sampling settings need runtime 1.3; the loaded runtime uses the 1.2 layout",
-                )
-            system = request.system if request.system is not None else self.settings.runtime.system_prompt
-            cap = request.max_new_tokens or 0
-            adapters = self.settings.runtime.lora_adapters
-            command: dict[str, Any] = {
-                "prompt": request.prompt,
-                "system": system,
-                "keep_history": request.session is not None,
-                "lora_name": adapters[0].name if adapters else None,
-            }
-            if abi == "1.2":
-                command["enforce_cap"] = cap  # 1.2 has no per-run cap: the worker stops generation itself
-            else:
-                command["max_new_tokens"] = cap or None
-                command["sampling"] = request.sampling or None
-            with self._state_lock:
-                owner = self._kv_owner
-                if owner is None:
-                    clear_first = False  # the last run kept no history
-                elif request.session is not None and owner == request.session:
-                    clear_first = self._kv_system != system  # same conversation, unless its system changed
-                else:
-                    clear_first = True  # another conversation, or unknown contents
-                command["clear_first"] = clear_first
-                self._running = True
-                self._forget_pending = False
+            refusal = self.unsupported_reason(request)
+            if refusal is not None:
+                raise RequestError("unsupported", refusal)
+            system = self.system_prompt(request)
+            command = self._run_command(request, system)
+            command["clear_first"] = self._kv.begin(request.session, system)
+            dirty = True
             try:
-                return self._drive(handle, command, request, sink)
+                outcome = RunLoop(
+                    handle,
+                    wake,
+                    request=request,
+                    sink=sink,
+                    cancel=cancel,
+                    command=command,
+                    hang_grace_s=self.settings.limits.hang_grace_s,
+                    default_cap=self.settings.runtime.max_new_tokens,
+                ).execute()
+                dirty = outcome.dirty
             finally:
-                with self._state_lock:
-                    self._running = False
+                self._kv.end(request.session, system, dirty=dirty)
+            if outcome.worker_lost is not None:
+                self._set_status("restarting", outcome.worker_lost)
+                if outcome.result.error_code == "runtime_hung":
+                    log.error("runtime_hung", grace_s=self.settings.limits.hang_grace_s)
+            return outcome.result
+
+    def _run_command(self, request: GenerationRequest, system: str | None) -> dict[str, Any]:
+        cap = request.max_new_tokens or 0
+        adapters = self.settings.runtime.lora_adapters
+        command: dict[str, Any] = {
+            "prompt": request.prompt,
+            "system": system,
+            "keep_history": request.session is not None,
+            "lora_name": adapters[0].name if adapters else None,
+        }
+        if self.abi == "1.2":
+            command["enforce_cap"] = cap  # 1.2 has no per-run cap: the worker stops generation itself
+        else:
+            command["max_new_tokens"] = cap or None
+            command["sampling"] = request.sampling or None
+        return command
 
     def _not_ready_message(self) -> str:
         if self._status == "failed":
             return f"runtime failed to start: {self._last_error}"
         return f"runtime is {self._status}"
-
-    def _drive(
-        self, handle: _WorkerHandle, command: dict[str, Any], request: GenerationRequest, sink: StreamSink
-    ) -> GenerationResult:
-        while not handle.runs.empty():  # nothing from an earlier run may leak into this one
-            handle.runs.get_nowait()
-        started = time.monotonic()
-        if not handle.send("run", **command):
-            return self._after_run(request, GenerationResult("", "error", "runtime_crashed", "runtime worker is gone"))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        parts: list[str] = []
-        deadline = started + request.timeout_s
-        stop_reason: Literal["abort", "timeout", "length"] | None = None
-        hang_deadline: float | None = None
-        first_at: float | None = None
-        perf: dict[str, Any] | None = None
-        run_error = False
-        returned: dict[str, Any] | None = None
-        chunks = 0
-
-        next_abort: float | None = None
-
-        def request_stop(reason: Literal["abort", "timeout", "length"]) -> None:
-            nonlocal stop_reason, hang_deadline, next_abort
-            if stop_reason is None:
-                stop_reason = reason
-            if hang_deadline is None:
-                hang_deadline = time.monotonic() + self.settings.limits.hang_grace_s
-                next_abort = time.monotonic() + ABORT_RESEND_S
-                handle.send("abort")
-
-        while True:
-            now = time.monotonic()
-            wake = hang_deadline if hang_deadline is not None else deadline
-            flush_at = sink.flush_deadline()
-            if flush_at is not None:
-                wake = min(wake, flush_at)
-            if next_abort is not None:
-                wake = min(wake, next_abort)
-            try:
-                item = handle.runs.get(timeout=max(0.0, wake - now))
-            except queue.Empty:
-                now = time.monotonic()
-                if flush_at is not None and now >= flush_at:
-                    sink.flush()
-                if next_abort is not None and now >= next_abort:
-                    # An abort that reaches the runtime before rkllm_run has started is forgotten: repeat it.
-                    next_abort = now + ABORT_RESEND_S
-                    handle.send("abort")
-                if hang_deadline is not None and now >= hang_deadline:
-                    handle.kill("hung: rkllm_run did not return after abort")
-                    self._set_status("restarting", "rkllm_run hung and did not return after an abort; restarting")
-                    log.error("runtime_hung", grace_s=self.settings.limits.hang_grace_s)
-                    result = GenerationResult(
-                        "".join(parts),
-                        "error",
-                        "runtime_hung",
-                        f"rkllm_run did not return within {self.settings.limits.hang_grace_s:g} s of an abort;"
-                        " the runtime was restarted",
-                    )
-                    return self._after_run(
-                        request, result, started=started, first_at=first_at, tokens=chunks, dirty=True
-                    )
-                if hang_deadline is None and now >= deadline:
-                    request_stop("timeout")
-                continue
-            if item is None:
-                reason = handle.kill_reason or describe_exit(handle.proc.poll())
-                self._set_status("restarting", f"runtime worker {reason}; restarting")
-                result = GenerationResult(
-                    "".join(parts) + decoder.decode(b"", final=True),
-                    "error",
-                    "runtime_crashed",
-                    f"runtime worker {reason} during generation; the runtime is being restarted",
-                )
-                return self._after_run(request, result, started=started, first_at=first_at, tokens=chunks, dirty=True)
-            if item == "abort":
-                request_stop("abort")
-                continue
-            assert isinstance(item, Event)
-            if item.kind == EventKind.CHUNK:
-                if first_at is None:
-                    first_at = time.monotonic()
-                chunks += 1
-                text = decoder.decode(item.payload)
-                if text:
-                    parts.append(text)
-                    sink.text(text)
-            elif item.kind == EventKind.FINISH:
-                perf = item.json()
-            elif item.kind == EventKind.RUN_ERROR:
-                run_error = True
-            elif item.kind == EventKind.CAP_REACHED:
-                request_stop("length")
-            elif item.kind == EventKind.RUN_RETURNED:
-                returned = item.json()
-                break
-        tail = decoder.decode(b"", final=True)
-        if tail:
-            parts.append(tail)
-            sink.text(tail)
-        sink.flush()
-        text = "".join(parts)
-        tokens = int(perf.get("generate_tokens") or 0) if perf else 0
-        tokens = tokens or int(returned.get("tokens", chunks))
-        if stop_reason == "length" and request.max_new_tokens:
-            # The runtime went on past the cap until the abort reached it; that text was never forwarded.
-            tokens = min(tokens, request.max_new_tokens)
-        ret = int(returned.get("ret", 0))
-        if stop_reason == "timeout":
-            result = GenerationResult(text, "timeout", "timeout", f"generation exceeded {request.timeout_s:g} s")
-        elif stop_reason == "abort":
-            result = GenerationResult(text, "abort", "aborted", "aborted on request")
-        elif ret != 0 or run_error:
-            message = returned.get("message") or "the runtime reported an error during generation"
-            return self._after_run(
-                request,
-                GenerationResult(text, "error", "runtime_error", str(message)),
-                started=started,
-                first_at=first_at,
-                tokens=tokens,
-                perf=perf,
-                dirty=True,
-            )
-        else:
-            cap = request.max_new_tokens or self.settings.runtime.max_new_tokens
-            hit_cap = stop_reason == "length" or tokens >= cap
-            result = GenerationResult(text, "length" if hit_cap else "stop")
-        return self._after_run(request, result, started=started, first_at=first_at, tokens=tokens, perf=perf)
-
-    def _after_run(
-        self,
-        request: GenerationRequest,
-        result: GenerationResult,
-        *,
-        started: float | None = None,
-        first_at: float | None = None,
-        tokens: int = 0,
-        perf: dict[str, Any] | None = None,
-        dirty: bool = False,
-    ) -> GenerationResult:
-        ended = time.monotonic()
-        result.completion_tokens = tokens
-        result.perf = perf
-        if perf:
-            result.prompt_tokens = int(perf.get("prefill_tokens") or 0) or None
-        if started is not None:
-            result.generate_ms = (ended - (first_at or ended)) * 1000.0
-            result.ttft_ms = (first_at - started) * 1000.0 if first_at is not None else None
-        system = request.system if request.system is not None else self.settings.runtime.system_prompt
-        with self._state_lock:
-            if dirty or self._forget_pending:
-                self._kv_owner = DIRTY
-            else:
-                self._kv_owner = request.session
-            self._kv_system = system
-            self._forget_pending = False
-        return result

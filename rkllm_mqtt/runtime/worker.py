@@ -5,12 +5,15 @@ commands (run, abort, clear, shutdown). Runs happen on a runner thread so that t
 stays free to call ``rkllm_abort`` while ``rkllm_run`` blocks. The result callback only copies
 the bytes into one ``os.write`` on the event pipe; everything else happens in the parent.
 
-The runtime prints its own log lines to stdout/stderr; the parent reads and logs them.
+The runtime prints its own log lines to stdout/stderr, which are the parent's pipe: the parent reads and logs
+them, and reads the runtime's version line from what rkllm_init printed (the worker marks the end of that
+output with a line of its own). The worker is started by :mod:`rkllm_mqtt.runtime.workerproc`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import os
@@ -23,13 +26,20 @@ from pathlib import Path
 from typing import Any
 
 from rkllm_mqtt.errors import RkllmMqttError
-from rkllm_mqtt.runtime.abi import decide_abi, resolve_library, sim_library_path
+from rkllm_mqtt.runtime.abi import decide_abi, resolve_library, sim_layout, sim_library_path
 from rkllm_mqtt.runtime.binding import InitParams, RkllmBinding, Sampling
-from rkllm_mqtt.runtime.protocol import EventKind, encode_event, encode_json_event, write_all
+from rkllm_mqtt.runtime.cdefs import STATE_ERROR, STATE_FINISH, STATE_NORMAL, STATE_WAITING
+from rkllm_mqtt.runtime.protocol import (
+    HEADER,
+    INIT_OUTPUT_END,
+    EventKind,
+    encode_event,
+    encode_json_event,
+    write_all,
+)
 from rkllm_mqtt.runtime.template import ChatTemplate, build_template
 
 PR_SET_PDEATHSIG = 1
-STATE_NORMAL, STATE_WAITING, STATE_FINISH, STATE_ERROR = 0, 1, 2, 3
 
 
 def _die_with_parent() -> None:
@@ -39,6 +49,11 @@ def _die_with_parent() -> None:
         libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     except (OSError, AttributeError):  # not Linux: stdin EOF still ends the worker
         pass
+
+
+def _flush_c_stdio() -> None:
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).fflush(None)
 
 
 def _line_buffer_c_stdio() -> None:
@@ -53,6 +68,10 @@ def _line_buffer_c_stdio() -> None:
         pass
 
 
+_CHUNK_HEADER = HEADER.pack
+_CHUNK = int(EventKind.CHUNK)
+
+
 class Worker:
     def __init__(self, event_fd: int, config: dict[str, Any]) -> None:
         self.event_fd = event_fd
@@ -60,6 +79,9 @@ class Worker:
         self.binding: Any = None
         self.template: ChatTemplate | None = None
         self.runs: queue.Queue[dict[str, Any] | None] = queue.Queue()
+        # Set by an abort that arrives after the run command: the runner then skips rkllm_run (which would
+        # forget an abort that came before it started). Reset by every run command.
+        self.abort_pending = False
         # Per-run counters touched only by the callback (one run at a time).
         self.tokens = 0
         self.cap = 0
@@ -84,7 +106,10 @@ class Worker:
                     return
                 if state == STATE_NORMAL:
                     self.tokens += 1
-                self.emit(EventKind.CHUNK, text)
+                frame = _CHUNK_HEADER(_CHUNK, len(text)) + text
+                written = os.write(self.event_fd, frame)  # one write: a frame below PIPE_BUF goes whole
+                if written < len(frame):
+                    write_all(self.event_fd, frame[written:])
         elif state == STATE_FINISH:
             stats = (
                 {
@@ -108,11 +133,7 @@ class Worker:
         stage = "library"
         try:
             library = str(cfg["library"])
-            if library == "sim":
-                configured = cfg["abi"] if cfg["abi"] != "auto" else "1.3"
-                path = sim_library_path(configured)
-            else:
-                path = resolve_library(library)
+            path = sim_library_path(sim_layout(str(cfg["abi"]))) if library == "sim" else resolve_library(library)
             stage = "abi"
             decision = decide_abi(path, str(cfg["abi"]))
             stage = "model"
@@ -132,6 +153,10 @@ class Worker:
             init["model_path"] = model_path
             binding.init(InitParams(**init), self.on_result)
             load_ms = (time.monotonic() - started) * 1000.0
+            # Everything rkllm_init printed is in the pipe before this line (the parent checks its version).
+            _flush_c_stdio()
+            sys.stdout.write(INIT_OUTPUT_END + "\n")
+            sys.stdout.flush()
             self.binding = binding
             stage = "lora"
             for adapter in cfg.get("lora_adapters", []):
@@ -181,6 +206,9 @@ class Worker:
             self.tokens = 0
             self.cap = int(cmd.get("enforce_cap") or 0)
             self.cap_sent = False
+            if self.abort_pending:  # aborted before it started: rkllm_run would forget that abort
+                self.emit_json(EventKind.RUN_RETURNED, {"ret": 0, "message": "", "tokens": 0})
+                return
             sampling = cmd.get("sampling")
             self.binding.run(
                 str(cmd["prompt"]),
@@ -209,8 +237,10 @@ class Worker:
             cmd = json.loads(line)
             op = cmd.get("op")
             if op == "run":
+                self.abort_pending = False
                 self.runs.put(cmd)
             elif op == "abort":
+                self.abort_pending = True
                 self.binding.abort()
             elif op == "shutdown":
                 break

@@ -35,6 +35,8 @@
  *   crash_at=K     at token K the process gets SIGSEGV.
  *   stamp=1        each token's text is CLOCK_MONOTONIC in nanoseconds, in decimal, then a space (latency
  *                  benchmarks compare it with the time the text reaches a subscriber).
+ *   claim_version=V  rkllm_init logs "rkllm-runtime version: V" instead of the build's own version (the string
+ *                  in the file stays the build's): a runtime whose init log contradicts the layout in use.
  *
  * Reply text (deterministic): "[turn N] " where N counts the turns in the simulated KV cache including this
  * one, then "[system: <system prompt>] " if rkllm_set_chat_template set a non-empty system prompt, then
@@ -59,7 +61,9 @@
  *
  * Trace: when the environment variable RKLLM_SIM_TRACE names a file, every exported call appends one line to
  * it: the function name and its key arguments (rkllm_run shows the effective per-run values). Tests use it to
- * see what crossed the ABI, and that rkllm_run_async is never called.
+ * see what crossed the ABI, and that rkllm_run_async is never called. rkllm_run also writes "sim_prefill begin"
+ * once it has started (an abort from then on is no longer forgotten) and "sim_prefill end aborted=0|1
+ * elapsed_ms=M" after the prefill, so a test can act during the prefill and check afterwards that it did.
  *
  * rkllm_run_async behaves like the real 1.2.1 one: it writes its trace line and never returns.
  */
@@ -432,6 +436,7 @@ typedef struct {
     int hang_at;
     int crash_at;
     bool stamp;
+    char claim_version[24];
 } SimSpec;
 
 #define SIM_MAGIC 0x524b4c4cu /* "RKLL": tells a live handle from a stray pointer */
@@ -576,9 +581,15 @@ static bool parse_spec(const char *text, SimSpec *spec) {
             good = parse_int(value, 1, &spec->crash_at);
         } else if (strcmp(key, "stamp") == 0) {
             good = parse_flag(value, &spec->stamp);
+        } else if (strcmp(key, "claim_version") == 0) {
+            size_t len = strlen(value);
+            good = len > 0 && len < sizeof spec->claim_version && strspn(value, "0123456789.") == len;
+            if (good) {
+                memcpy(spec->claim_version, value, len + 1);
+            }
         } else {
             log_error("sim model spec: unknown key \"%s\" (known: tokens, rate, prefill_ms, lang, split_utf8, "
-                      "fail_init, error_at, hang_at, crash_at, stamp)",
+                      "fail_init, error_at, hang_at, crash_at, stamp, claim_version)",
                       key);
             ok = false;
             break;
@@ -888,7 +899,16 @@ SIM_API int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *call
           (double)param->frequency_penalty, (double)param->presence_penalty, (int)param->skip_special_token,
           (int)param->extend_param.enabled_cpus_num, (unsigned)param->extend_param.enabled_cpus_mask,
           (int)param->extend_param.embed_flash, (int)param->extend_param.n_batch);
-    log_info("%s, rknpu driver version: sim, platform: SIM", sim_version_evidence);
+    /* The spec is read first because it may change the version this init claims. */
+    char *spec_text = param->model_path != NULL ? spec_for_model(param->model_path) : NULL;
+    SimSpec spec = {0};
+    bool spec_ok = spec_text != NULL && parse_spec(spec_text, &spec);
+    free(spec_text);
+    if (spec_ok && spec.claim_version[0] != '\0') {
+        log_info("rkllm-runtime version: %s, rknpu driver version: sim, platform: SIM", spec.claim_version);
+    } else {
+        log_info("%s, rknpu driver version: sim, platform: SIM", sim_version_evidence);
+    }
     if (handle == NULL) {
         log_error("rkllm_init: handle pointer is NULL");
         return -1;
@@ -914,13 +934,6 @@ SIM_API int rkllm_init(LLMHandle *handle, RKLLMParam *param, RKLLMCallback *call
         log_error("rkllm_init: is_async is not supported by the simulated runtime");
         return -1;
     }
-    char *spec_text = spec_for_model(param->model_path);
-    if (spec_text == NULL) {
-        return -1;
-    }
-    SimSpec spec;
-    bool spec_ok = parse_spec(spec_text, &spec);
-    free(spec_text);
     if (!spec_ok) {
         log_error("failed to load model %s", param->model_path);
         return -1;
@@ -1184,8 +1197,11 @@ SIM_API int rkllm_run(LLMHandle handle, RKLLMInput *rkllm_input, RKLLMInferParam
     }
 
     uint64_t prefill_start = now_ns();
+    trace("sim_prefill begin");
     sleep_ns((uint64_t)model->spec.prefill_ms * 1000000ull); /* not interruptible, like the NPU's prefill */
     uint64_t generate_start = now_ns();
+    trace("sim_prefill end aborted=%d elapsed_ms=%llu", atomic_load(&model->abort_requested) ? 1 : 0,
+          (unsigned long long)((generate_start - prefill_start) / 1000000ull));
     uint64_t interval = model->spec.rate > 0.0 ? (uint64_t)(1e9 / model->spec.rate) : 0;
 
     int ret = 0;

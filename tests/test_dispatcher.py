@@ -1,0 +1,109 @@
+"""The MQTT door's thread: a bounded inbox that never blocks, and deadlines instead of timer threads."""
+
+from __future__ import annotations
+
+import threading
+
+from rkllm_mqtt.bridge.dispatcher import WEDGED_AFTER_S, Dispatcher
+
+WAIT_S = 30.0
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.items: list[object] = []
+        self.done = threading.Event()
+        self.until: object = None
+
+    def __call__(self, item: object) -> None:
+        if item == "boom":
+            raise ValueError("a handler that fails")
+        self.items.append(item)
+        if item == self.until:
+            self.done.set()
+
+
+def test_offer_refuses_past_capacity_and_put_never_does() -> None:
+    dispatcher: Dispatcher[object] = Dispatcher(Recorder(), capacity=2)  # not started: nothing is taken out
+    assert dispatcher.offer("a") and dispatcher.offer("b")
+    assert not dispatcher.offer("c")
+    dispatcher.put("control")
+    assert dispatcher.depth == 3
+
+
+def test_items_are_handled_in_order_and_a_failing_one_does_not_stop_the_thread() -> None:
+    recorder = Recorder()
+    recorder.until = "last"
+    dispatcher: Dispatcher[object] = Dispatcher(recorder, capacity=10)
+    dispatcher.start()
+    try:
+        for item in ("one", "boom", "two", "last"):
+            assert dispatcher.offer(item)
+        assert recorder.done.wait(WAIT_S)
+        assert recorder.items == ["one", "two", "last"]
+        assert dispatcher.healthy()
+    finally:
+        dispatcher.stop()
+
+
+def test_deadlines_run_on_the_dispatcher_thread_in_time_order_and_can_be_cancelled() -> None:
+    ran: list[tuple[str, str]] = []
+    done = threading.Event()
+    dispatcher: Dispatcher[object] = Dispatcher(lambda item: None, capacity=10)
+
+    def note(name: str) -> None:
+        ran.append((name, threading.current_thread().name))
+        if name == "last":
+            done.set()
+
+    def schedule(item: object) -> None:
+        # Deadlines are set from the dispatcher thread, as extensions do.
+        dispatcher.call_later(0.02, lambda: note("last"))
+        dispatcher.call_later(0.01, lambda: note("second"))
+        dispatcher.call_later(0.0, lambda: note("first"))
+        dispatcher.call_later(0.0, lambda: note("cancelled")).cancel()
+
+    dispatcher.handle = schedule
+    dispatcher.start()
+    try:
+        dispatcher.offer("go")
+        assert done.wait(WAIT_S)
+        assert [name for name, _ in ran] == ["first", "second", "last"]
+        assert {thread for _, thread in ran} == {dispatcher.name}
+    finally:
+        dispatcher.stop()
+
+
+def test_health_is_read_without_side_effects_and_sees_a_stuck_item() -> None:
+    release = threading.Event()
+    entered = threading.Event()
+
+    def stuck(item: object) -> None:
+        entered.set()
+        release.wait(WAIT_S)
+
+    now = [1000.0]
+    dispatcher: Dispatcher[object] = Dispatcher(stuck, capacity=10, clock=lambda: now[0])
+    assert not dispatcher.healthy()  # not started
+    dispatcher.start()
+    try:
+        depth = dispatcher.depth
+        assert dispatcher.healthy()
+        assert dispatcher.depth == depth
+        dispatcher.offer("slow")
+        assert entered.wait(WAIT_S)
+        assert dispatcher.healthy(now[0] + WEDGED_AFTER_S - 1)
+        assert not dispatcher.healthy(now[0] + WEDGED_AFTER_S + 1)
+    finally:
+        release.set()
+        dispatcher.stop()
+
+
+def test_stop_handles_what_is_queued_first() -> None:
+    recorder = Recorder()
+    dispatcher: Dispatcher[object] = Dispatcher(recorder, capacity=10)
+    for item in range(5):
+        dispatcher.offer(item)
+    dispatcher.start()
+    dispatcher.stop(WAIT_S)
+    assert recorder.items == [0, 1, 2, 3, 4]
