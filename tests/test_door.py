@@ -75,6 +75,7 @@ class RecordingTransport:
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
         on_acked: Callable[[], None] | None = None,
+        handoff: str | None = None,
     ) -> object:
         with self._cond:
             self.sent.append(Sent(topic, payload, retain, correlation_data))
@@ -395,5 +396,31 @@ def test_finals_left_unsettled_by_a_crash_are_published_again_on_connect(tmp_pat
         assert ledger.unsettled_finals() == []
         rig.door._handle(_Connected())  # a reconnect does not publish it once more
         assert len(rig.transport.on(f"{ROOT}/response/lost-ack")) == 1
+    finally:
+        rig.scheduler.shutdown(WAIT_S)
+
+
+def test_a_hand_off_sent_again_is_recognised_by_its_token(tmp_path: Path) -> None:
+    ledger = SettledLedger(tmp_path / "settled.log")
+    ledger.open()
+    rig = make_rig(ledger=ledger)
+    token = "0123456789abcdef0123456789abcdef"
+    try:
+        rig.prompt('{"id": "h1", "prompt": "hi"}', qos=1, handoff=token, delivery=Delivery(mid=1, epoch=0))
+        rig.transport.wait_for(f"{ROOT}/response/h1")
+        # The peer that handed it on crashed before the broker acknowledged its forward: it sends it again.
+        again = Delivery(mid=2, epoch=0)
+        rig.prompt('{"id": "h1", "prompt": "hi"}', qos=1, handoff=token, delivery=again)
+        assert again in rig.transport.acknowledged
+        assert len(rig.transport.on(f"{ROOT}/response/h1")) == 1
+        assert len(rig.runtime.runs) == 1
+        # Another hand-off reusing the id is a new request.
+        other = "fedcba9876543210fedcba9876543210"
+        rig.prompt('{"id": "h1", "prompt": "hi"}', qos=1, handoff=other, delivery=Delivery(mid=3, epoch=0))
+        with rig.transport._cond:
+            assert rig.transport._cond.wait_for(lambda: len(rig.transport.on(f"{ROOT}/response/h1")) == 2, WAIT_S)
+        # A token not made by a bridge is ignored, never looked up.
+        rig.prompt('{"id": "h2", "prompt": "hi"}', qos=1, handoff="../../etc", delivery=Delivery(mid=4, epoch=0))
+        rig.transport.wait_for(f"{ROOT}/response/h2")
     finally:
         rig.scheduler.shutdown(WAIT_S)

@@ -245,3 +245,14 @@ def test_sync_puts_unsynced_records_on_disk_once(tmp_path: Path) -> None:
     ledger.close()
     again = opened(tmp_path / "settled.log")
     assert again.contains("a") and again.unsettled_finals() == []
+
+
+def test_a_recorded_hand_off_keeps_its_reply_topic_and_token(tmp_path: Path) -> None:
+    path = tmp_path / "settled.log"
+    ledger = opened(path)
+    ledger.record_final(
+        "g1", "rkllm/peer/prompt", b'{"id": "g1"}', b"c", response_topic="rkllm/reply/x", handoff="ab" * 16
+    )
+    ledger.close()
+    (pending,) = opened(path).unsettled_finals()
+    assert (pending.topic, pending.response_topic, pending.handoff) == ("rkllm/peer/prompt", "rkllm/reply/x", "ab" * 16)

@@ -8,6 +8,7 @@ after the restart a sentinel request (published last, answered last) says that e
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -162,38 +163,45 @@ def test_killed_cluster_node_during_hand_offs_answers_each_group_request_once(
     mqtt = {"protocol": "5", "base_topic": base}
     cluster = {"enabled": True, "group": group}
     limits = {"response_topic_prefixes": [f"{base}/reply"], "queue_size": 8}
-    nodes = [
+    victim, peer = (
         Daemon(tmp_path, broker.port, mqtt=mqtt, cluster=cluster, limits=limits, runtime={"model_path": SLOW})
         for _ in range(2)
-    ]
+    )
     probe = Probe(broker.port, v5=True, persistent=True).start()
-    probe.subscribe(f"{base}/reply/#", *(f"{n.root}/health" for n in nodes), *(f"{n.root}/state" for n in nodes))
+    probe.subscribe(f"{base}/reply/#", *(f"{n.root}/health" for n in (victim, peer)), f"{peer.root}/state")
     ids = [unique_topic("group-req") for _ in range(8)]
     try:
-        for node in nodes:
+        for node in (victim, peer):
             start_daemon(node, probe)
-        for node in nodes:
-            probe.wait_json(f"{node.root}/state", lambda s: s.get("status") == "idle")
+        probe.wait_json(f"{peer.root}/state", lambda s: s.get("status") == "idle")
+        # The victim is busy with a request of its own, so group requests it receives are handed to the peer.
+        busy = unique_topic("busy")
+        probe.publish(f"{victim.root}/prompt", request(busy), response_topic=f"{base}/reply/{busy}")
+        probe.wait_topic(f"{base}/reply/{busy}/stream")
         for rid in ids:
             probe.publish(f"{base}/prompt", request(rid), response_topic=f"{base}/reply/{rid}")
-        victim = nodes[0]
-        # Kill the first node as soon as anything is under way on it (it runs one, queues or hands the others on).
-        probe.wait_json(f"{victim.root}/state", lambda s: s.get("status") == "busy")
-        kill(victim)
+        wait_log(victim, "request_handed_off")
+        kill(victim)  # in the middle of handing group requests on
         start_daemon(victim, probe)
-        for rid in ids:
+        for rid in [*ids, busy]:
             probe.wait_topic(f"{base}/reply/{rid}", timeout=180)
-        for node in nodes:
+        for node in (victim, peer):
             sentinel_answered_on(probe, node, base)
-        by_id: dict[str, set[bytes]] = {}
-        for rid in ids:
-            by_id[rid] = {m.payload for m in probe.on(f"{base}/reply/{rid}")}
-        for rid, payloads in by_id.items():
+        for rid in [*ids, busy]:
+            payloads = {m.payload for m in probe.on(f"{base}/reply/{rid}")}
             assert len(payloads) == 1, (rid, [json.loads(p) for p in payloads])
     finally:
-        for node in nodes:
+        for node in (victim, peer):
             node.stop()
         probe.stop()
+
+
+def wait_log(daemon: Daemon, event: str, timeout: float = 60.0) -> None:
+    """Until the daemon has logged ``event`` (its log file is read as it grows)."""
+    deadline = time.monotonic() + timeout
+    while not any(e.get("event") == event for e in daemon.logs()):
+        assert time.monotonic() < deadline, f"{daemon.node} never logged {event}"
+        time.sleep(0.02)
 
 
 def sentinel_answered_on(probe: Probe, daemon: Daemon, base: str) -> None:

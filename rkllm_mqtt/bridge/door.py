@@ -23,6 +23,7 @@ import json
 import re
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -60,6 +61,7 @@ from rkllm_mqtt.topics import Topics
 
 log = structlog.get_logger(__name__)
 _ID_RE = re.compile(ID_PATTERN)
+_TOKEN_RE = re.compile(r"^[0-9a-f]{32}$")
 
 # Messages waiting for the dispatcher; past this, prompts are answered queue_full from paho's thread.
 INBOX_SIZE = 10000
@@ -156,6 +158,8 @@ class MqttDoor:
         # QoS 1 deliveries waiting for their request's final, by request id (the dispatcher adds, the runner takes).
         self._unsettled: dict[str, list[Delivery]] = {}
         self._unsettled_lock = threading.Lock()
+        # Hand-off tokens of pending requests a peer passed on, by request id: recorded with the final.
+        self._handoffs: dict[str, str] = {}
         self._rejected_quietly = 0  # rejections answered with the final alone, while the broker was behind
         self._state_refresh_pending = False  # a state publish held back while the broker is behind
         self._flooded = False  # the inbox ran deep: memory is given back once it is empty again
@@ -392,21 +396,29 @@ class MqttDoor:
             property_reply_topic=message.response_topic,
             correlation_data=message.correlation_data,
         )
-        if message.dup and self._seen_before(parsed.id, delivery):
+        handoff = _valid_token(message.handoff)
+        if (message.dup or handoff) and self._seen_before(parsed.id, delivery, dup=message.dup, handoff=handoff):
             return
         if isinstance(parsed, Rejection):
-            self._reject(parsed, delivery=delivery)
+            self._reject(parsed, delivery=delivery, handoff=handoff)
         else:
-            self._submit(parsed, delivery)
+            self._submit(parsed, delivery, handoff)
 
-    def _seen_before(self, request_id: str | None, delivery: Delivery | None) -> bool:
-        """A prompt the broker sent again: True when it is answered already or still pending here."""
-        if request_id is None:
-            return False
-        if self.ledger is not None and self.ledger.contains(request_id):
+    def _seen_before(
+        self, request_id: str | None, delivery: Delivery | None, *, dup: bool, handoff: str | None = None
+    ) -> bool:
+        """A prompt sent again (by the broker: DUP; by a peer: its hand-off token): True when it is answered
+        already or still pending here. A fresh prompt may reuse an id: only these two are looked up."""
+        answered = self.ledger is not None and (
+            (handoff is not None and self.ledger.contains(_handoff_key(handoff)))
+            or (dup and request_id is not None and self.ledger.contains(request_id))
+        )
+        if answered:
             log.info("request_redelivered", request_id=request_id, outcome="answered before")
             self._settle(delivery)
             return True
+        if request_id is None or not dup:
+            return False
         if delivery is not None:
             with self._unsettled_lock:
                 pending = self._unsettled.get(request_id)
@@ -425,14 +437,38 @@ class MqttDoor:
         with self._unsettled_lock:
             return self._unsettled.pop(request_id, [])
 
-    def _record_final(self, request_id: str, topic: str, payload: bytes, correlation: bytes | None) -> None:
+    def _take_handoff(self, request_id: str) -> str | None:
+        with self._unsettled_lock:
+            return self._handoffs.pop(request_id, None)
+
+    def _record_final(
+        self,
+        request_id: str,
+        topic: str,
+        payload: bytes,
+        correlation: bytes | None,
+        *,
+        response_topic: str | None = None,
+        handoff: str | None = None,
+    ) -> None:
         if self.ledger is None:
             return
         try:
             # Written, not synced: a killed process cannot lose it; the sync comes before the acknowledgement.
-            self.ledger.record_final(request_id, topic, payload, correlation, durable=False)
+            self.ledger.record_final(
+                request_id, topic, payload, correlation, durable=False, response_topic=response_topic, handoff=handoff
+            )
         except (OSError, ValueError) as exc:
             log.error("ledger_write_failed", request_id=request_id, error=str(exc))
+
+    def _record_handoff(self, token: str) -> None:
+        """A peer's hand-off answered here: the same hand-off sent again (the peer crashed) is not run again."""
+        if self.ledger is None:
+            return
+        try:
+            self.ledger.settle(_handoff_key(token), durable=False)
+        except (OSError, ValueError) as exc:
+            log.error("ledger_write_failed", handoff=token, error=str(exc))
 
     def _final_acknowledged(self, request_id: str, deliveries: list[Delivery]) -> None:
         """The broker has the final (paho's thread): the request is settled, its prompts are acknowledged."""
@@ -458,19 +494,12 @@ class MqttDoor:
                 pending.payload,
                 qos=1,
                 correlation_data=pending.correlation,
+                response_topic=pending.response_topic,
                 on_acked=partial(self._final_acknowledged, pending.request_id, []),
+                handoff=pending.handoff,
             )
 
-    def _record_settled(self, request_id: str) -> None:
-        """Durably, before the final goes out: across a crash a redelivered prompt is then not run again."""
-        if self.ledger is None:
-            return
-        try:
-            self.ledger.settle(request_id)
-        except (OSError, ValueError) as exc:
-            log.error("ledger_write_failed", request_id=request_id, error=str(exc))
-
-    def _submit(self, request: Request, delivery: Delivery | None = None) -> None:
+    def _submit(self, request: Request, delivery: Delivery | None = None, handoff: str | None = None) -> None:
         assert self.publisher is not None
         reporter = MqttJobReporter(request, self.publisher, self, interval_ms=self.settings.limits.stream_interval_ms)
         job = Job(
@@ -492,11 +521,14 @@ class MqttDoor:
             with self._unsettled_lock:
                 if request.id not in self._unsettled:  # an id in use is refused below; its holder keeps the entry
                     self._unsettled[request.id] = [delivery]
+                    if handoff is not None:
+                        self._handoffs[request.id] = handoff
                     registered = True
         admission = self.scheduler.submit(job)
         if isinstance(admission, Refused):
             if registered:
                 self._take_unsettled(request.id)
+                self._take_handoff(request.id)
             # A refused id that is in use belongs to the pending request: its reply topic is not answered.
             duplicate = admission.code == "invalid_request"
             rejection = Rejection(
@@ -506,7 +538,7 @@ class MqttDoor:
                 None if duplicate else request.reply_topic,
                 request.correlation_data,
             )
-            self._reject(rejection, counted=True, delivery=delivery)
+            self._reject(rejection, counted=True, delivery=delivery, handoff=None if duplicate else handoff)
 
     def _hand_off(self, message: IncomingMessage) -> bool:
         """Pass a group request this node cannot start now to an idle peer. True when it was passed on."""
@@ -519,17 +551,28 @@ class MqttDoor:
         assert self.publisher is not None
         target = Topics(self.topics.base, peer).prompt
         request_id = _readable_id(message.payload)
-        if message.dup and self._seen_before(request_id, message.delivery):
-            return True
-        if message.delivery is not None and request_id is not None:
-            self._record_settled(request_id)  # the peer answers it: a redelivery here must not run it again
         delivery = message.delivery
+        handoff = _valid_token(message.handoff)
+        if (message.dup or handoff) and self._seen_before(request_id, delivery, dup=message.dup, handoff=handoff):
+            return True
+        # The same token each time this prompt is handed on (after a crash too): the peer answers it once.
+        token = handoff or uuid.uuid4().hex
+        on_acked = None
+        if delivery is not None and request_id is not None:
+            # Like a final: recorded before it goes out, sent again at the next start if the broker never had it.
+            self._record_final(
+                request_id,
+                target,
+                message.payload,
+                message.correlation_data,
+                response_topic=message.response_topic,
+                handoff=token,
+            )
+            on_acked = partial(self._final_acknowledged, request_id, [delivery])
+        elif delivery is not None:
+            on_acked = partial(self._settle, delivery)
         self.publisher.forward(
-            target,
-            message.payload,
-            message.response_topic,
-            message.correlation_data,
-            on_acked=(lambda: self._settle(delivery)) if delivery is not None else None,
+            target, message.payload, message.response_topic, message.correlation_data, on_acked=on_acked, handoff=token
         )
         log.info("request_handed_off", peer=peer, topic=target, request_id=request_id)
         return True
@@ -550,7 +593,14 @@ class MqttDoor:
 
     # -- answers --------------------------------------------------------------------------------------------
 
-    def _reject(self, rejection: Rejection, *, counted: bool = False, delivery: Delivery | None = None) -> None:
+    def _reject(
+        self,
+        rejection: Rejection,
+        *,
+        counted: bool = False,
+        delivery: Delivery | None = None,
+        handoff: str | None = None,
+    ) -> None:
         """Answer a request that will not run: an error event, and a final response when its id is known.
 
         While the broker is behind (congested), only the final goes out: the one message that must arrive."""
@@ -583,6 +633,7 @@ class MqttDoor:
                 record_last=False,
                 deliveries=[delivery] if delivery is not None else [],
                 cheap=congested,
+                handoff=handoff,
             )
 
     def publish_final(self, final: FinalResponse, reply_topic: str | None, correlation: bytes | None) -> None:
@@ -594,7 +645,8 @@ class MqttDoor:
             if error.code in RUNTIME_FAILURES:
                 self.publisher.health(self.health_payload())
         deliveries = self._take_unsettled(final.id)
-        self._publish_final(final, reply_topic, correlation, record_last=True, deliveries=deliveries)
+        handoff = self._take_handoff(final.id)
+        self._publish_final(final, reply_topic, correlation, record_last=True, deliveries=deliveries, handoff=handoff)
 
     def _publish_final(
         self,
@@ -605,6 +657,7 @@ class MqttDoor:
         record_last: bool,
         deliveries: Sequence[Delivery] = (),
         cheap: bool = False,
+        handoff: str | None = None,
     ) -> None:
         """The final response; the prompts it answers are acknowledged once the broker has it.
 
@@ -617,6 +670,8 @@ class MqttDoor:
         if deliveries:
             # Recorded (synced) before it goes out: a crash from here on cannot lose it nor let it run again.
             self._record_final(final.id, reply.final, payload, correlation)
+            if handoff is not None:
+                self._record_handoff(handoff)
             on_acked = partial(self._final_acknowledged, final.id, list(deliveries))
         qos = 0 if cheap and not deliveries else 1
         self.publisher.final(reply, final, correlation, qos=qos, on_acked=on_acked, payload=payload)
@@ -673,6 +728,15 @@ class MqttDoor:
                 handled=handled,
                 overflowed=self._overflowed,
             )
+
+
+def _valid_token(token: str | None) -> str | None:
+    """A hand-off token as this bridge makes them (32 hex digits); anything else from the network is ignored."""
+    return token if token is not None and _TOKEN_RE.match(token) else None
+
+
+def _handoff_key(token: str) -> str:
+    return f"handoff:{token}"
 
 
 def _readable_id(payload: bytes) -> str | None:

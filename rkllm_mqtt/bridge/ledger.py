@@ -50,18 +50,23 @@ FILE_SUFFIX = ".log"
 
 @dataclass(frozen=True)
 class PendingFinal:
-    """A final response recorded before it was published, not known to have reached the broker."""
+    """A final response (or a prompt handed to a peer) recorded before it was published, not known to have
+    reached the broker."""
 
     request_id: str
     topic: str
     payload: bytes
     correlation: bytes | None
+    response_topic: str | None = None
+    handoff: str | None = None  # the hand-off token of a prompt forwarded to a peer
 
     def encode(self) -> str:
         body = {
             "topic": self.topic,
             "payload": base64.b64encode(self.payload).decode("ascii"),
             "correlation": base64.b64encode(self.correlation).decode("ascii") if self.correlation else None,
+            "response_topic": self.response_topic,
+            "handoff": self.handoff,
         }
         return base64.b64encode(json.dumps(body, separators=(",", ":")).encode()).decode("ascii")
 
@@ -70,6 +75,7 @@ class PendingFinal:
         try:
             body = json.loads(base64.b64decode(text, validate=True))
             topic, payload, correlation = body["topic"], body["payload"], body["correlation"]
+            response_topic, handoff = body.get("response_topic"), body.get("handoff")
             if not isinstance(topic, str) or not isinstance(payload, str):
                 return None
             return cls(
@@ -77,6 +83,8 @@ class PendingFinal:
                 topic,
                 base64.b64decode(payload, validate=True),
                 base64.b64decode(correlation, validate=True) if isinstance(correlation, str) else None,
+                response_topic if isinstance(response_topic, str) else None,
+                handoff if isinstance(handoff, str) else None,
             )
         except (ValueError, TypeError, KeyError, binascii.Error):
             return None
@@ -206,13 +214,22 @@ class SettledLedger:
         self._append(request_id, None, durable=durable)
 
     def record_final(
-        self, request_id: str, topic: str, payload: bytes, correlation: bytes | None, *, durable: bool = True
+        self,
+        request_id: str,
+        topic: str,
+        payload: bytes,
+        correlation: bytes | None,
+        *,
+        durable: bool = True,
+        response_topic: str | None = None,
+        handoff: str | None = None,
     ) -> None:
         """Record a final before it is published: from now on ``request_id`` counts as answered.
 
         Written, the record survives the process (the kernel has it); ``durable`` also waits for the disk, which
         only a power cut needs. A caller that records without it calls :meth:`sync` before acknowledging."""
-        self._append(request_id, PendingFinal(request_id, topic, payload, correlation), durable=durable)
+        pending = PendingFinal(request_id, topic, payload, correlation, response_topic, handoff)
+        self._append(request_id, pending, durable=durable)
 
     def sync(self) -> None:
         """Put every record written so far on the disk (one ``fdatasync`` for all of them; none when clean)."""

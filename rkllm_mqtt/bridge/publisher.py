@@ -36,6 +36,7 @@ class Publishing(Protocol):
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
         on_acked: Callable[[], None] | None = None,
+        handoff: str | None = None,
     ) -> object: ...
 
     @property
@@ -108,11 +109,19 @@ class Publisher:
         payload: bytes,
         response_topic: str | None,
         correlation: bytes | None,
+        *,
         on_acked: Callable[[], None] | None = None,
+        handoff: str | None = None,
     ) -> None:
-        """Pass a request on unchanged, MQTT 5 reply properties included."""
+        """Pass a request on unchanged, MQTT 5 reply properties included, with its hand-off token (MQTT 5)."""
         self.transport.publish(
-            topic, payload, qos=1, correlation_data=correlation, response_topic=response_topic, on_acked=on_acked
+            topic,
+            payload,
+            qos=1,
+            correlation_data=correlation,
+            response_topic=response_topic,
+            on_acked=on_acked,
+            handoff=handoff,
         )
 
     def raw(self, topic: str, payload: bytes, *, retain: bool) -> None:

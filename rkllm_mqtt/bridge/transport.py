@@ -46,6 +46,8 @@ MAX_INFLIGHT = 20
 # Prompts received and not yet settled, announced to an MQTT 5 broker as the Receive Maximum (MQTT 3.1.1 brokers
 # use their own window: Mosquitto's max_inflight_messages, 20 by default).
 MAX_UNSETTLED = 20
+# MQTT 5 user property on a prompt handed to a peer: a token that lets the peer recognise it when it comes again.
+HANDOFF_PROPERTY = "rkllm-handoff"
 # Reason codes that mean "this broker does not speak MQTT 5" (v5 0x84, and 3.1.1's 1 read back).
 _PROTOCOL_REFUSED = {0x84, 1}
 
@@ -63,6 +65,8 @@ class IncomingMessage:
     dup: bool = False
     # Present when the message waits for :meth:`MqttTransport.settle` before it is acknowledged.
     delivery: Delivery | None = None
+    # A prompt a peer handed on (cluster mode, MQTT 5): the token that is the same each time it is sent.
+    handoff: str | None = None
 
 
 @dataclass(frozen=True)
@@ -327,6 +331,10 @@ class MqttTransport:
         props = getattr(message, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        handoff = None
+        for key, value in getattr(props, "UserProperty", None) or ():
+            if key == HANDOFF_PROPERTY:
+                handoff = value
         self.on_message(
             IncomingMessage(
                 topic=message.topic,
@@ -337,6 +345,7 @@ class MqttTransport:
                 qos=message.qos,
                 dup=bool(message.dup),
                 delivery=delivery,
+                handoff=handoff,
             )
         )
 
@@ -379,6 +388,7 @@ class MqttTransport:
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
         on_acked: Callable[[], None] | None = None,
+        handoff: str | None = None,
     ) -> mqtt.MQTTMessageInfo | None:
         """Publish; ``on_acked`` runs once the broker has the message (its PUBACK; at once for QoS 0), on paho's
         thread or this one."""
@@ -389,6 +399,13 @@ class MqttTransport:
         properties = None
         if (correlation_data is not None or response_topic is not None) and self.protocol == "5":
             properties = self._properties(correlation_data, response_topic)
+        if handoff is not None and self.protocol == "5":
+            properties = Properties(PacketTypes.PUBLISH)  # not cached: one hand-off, one token
+            if correlation_data is not None:
+                properties.CorrelationData = correlation_data
+            if response_topic is not None:
+                properties.ResponseTopic = response_topic
+            properties.UserProperty = (HANDOFF_PROPERTY, handoff)
         tracked = on_acked is not None and qos > 0
         if tracked:
             with self._unacked_lock:
