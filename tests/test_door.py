@@ -414,7 +414,9 @@ def test_a_hand_off_sent_again_is_recognised_by_its_token(tmp_path: Path) -> Non
         assert again in rig.transport.acknowledged
         assert len(rig.transport.on(f"{ROOT}/response/h1")) == 1
         assert len(rig.runtime.runs) == 1
-        # Another hand-off reusing the id is a new request.
+        # Another hand-off reusing the id is a new request (once the first one has left the scheduler).
+        with rig.transport._cond:
+            assert rig.transport._cond.wait_for(lambda: rig.state()["status"] == "idle", WAIT_S)
         other = "fedcba9876543210fedcba9876543210"
         rig.prompt('{"id": "h1", "prompt": "hi"}', qos=1, handoff=other, delivery=Delivery(mid=3, epoch=0))
         with rig.transport._cond:
