@@ -426,3 +426,14 @@ def test_a_hand_off_sent_again_is_recognised_by_its_token(tmp_path: Path) -> Non
         rig.transport.wait_for(f"{ROOT}/response/h2")
     finally:
         rig.scheduler.shutdown(WAIT_S)
+
+
+def test_a_payload_the_parser_chokes_on_is_answered_and_settled(tmp_path: Path) -> None:
+    rig = make_rig()
+    delivery = Delivery(mid=9, epoch=0)
+    try:
+        rig.prompt(b'{"id": "deep", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", qos=1, delivery=delivery)
+        assert rig.transport.on(f"{ROOT}/error")[-1].json()["code"] == "invalid_json"
+        assert rig.transport.acknowledged == [delivery], "an unsettled prompt would hold back every later one"
+    finally:
+        rig.scheduler.shutdown(WAIT_S)

@@ -36,6 +36,15 @@ from bench.sysinfo import alive, memory, mosquitto_binary
 ID_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.:-")
 
 
+def stop_on_sigterm() -> None:
+    """SIGTERM ends a script like Ctrl-C: its ``with`` blocks stop the daemon and broker it started."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def say(text: str) -> None:
     print(text, flush=True)
 

@@ -28,7 +28,17 @@ from paho.mqtt.enums import CallbackAPIVersion
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from bench.faults.common import FaultDaemon, PersistentMosquitto, Recorder, Verdict, Workdir, rss_kb, say, wait_ready
+from bench.faults.common import (
+    FaultDaemon,
+    PersistentMosquitto,
+    Recorder,
+    Verdict,
+    Workdir,
+    rss_kb,
+    say,
+    stop_on_sigterm,
+    wait_ready,
+)
 from bench.procs import LOOPBACK
 
 SPEC = "tokens=4,rate=0,prefill_ms=0"
@@ -165,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-s", type=float, default=30.0, help="silence after which the unanswered are counted")
     parser.add_argument("--rss-mb", type=float, default=10.0)
     parser.add_argument("--keep", action="store_true")
+    stop_on_sigterm()
     return run(parser.parse_args(argv))
 
 

@@ -32,6 +32,7 @@ from bench.faults.common import (
     Workdir,
     daemon_id_of,
     say,
+    stop_on_sigterm,
     wait_ready,
 )
 
@@ -241,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rotate", type=int, default=500, help="payloads between changes of the runtime's fault")
     parser.add_argument("--drain-s", type=float, default=60.0, help="silence after which the unanswered are counted")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (logs)")
+    stop_on_sigterm()
     return run(parser.parse_args(argv))
 
 

@@ -34,6 +34,7 @@ from bench.faults.common import (
     fd_count,
     rss_kb,
     say,
+    stop_on_sigterm,
     wait_ready,
 )
 
@@ -151,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drain-s", type=float, default=60.0)
     parser.add_argument("--rss-mb", type=float, default=5.0)
     parser.add_argument("--keep", action="store_true")
+    stop_on_sigterm()
     return run(parser.parse_args(argv))
 
 

@@ -340,7 +340,13 @@ class MqttDoor:
 
     def _handle(self, item: InboxItem) -> None:
         if isinstance(item, IncomingMessage):
-            self._route(item)
+            try:
+                self._route(item)
+            except Exception:
+                # A prompt left unsettled would hold back the acknowledgement of every later one (they go out in
+                # order) and, once the broker's window is full, stop the prompts altogether.
+                self._settle(item.delivery)
+                raise
             if self._flooded and self.dispatcher.depth == 0:
                 self._flooded = False
                 release_free_memory()  # the flood is over: give its heap back
@@ -389,13 +395,7 @@ class MqttDoor:
             self._reject(Rejection("invalid_request", "retained prompts are ignored: publish without retain"))
             self._settle(delivery)
             return
-        parsed = parse_request(
-            message.payload,
-            rules=self.rules,
-            received_at=message.received_at,
-            property_reply_topic=message.response_topic,
-            correlation_data=message.correlation_data,
-        )
+        parsed = self._parse(message)
         handoff = _valid_token(message.handoff)
         if (message.dup or handoff) and self._seen_before(parsed.id, delivery, dup=message.dup, handoff=handoff):
             return
@@ -403,6 +403,19 @@ class MqttDoor:
             self._reject(parsed, delivery=delivery, handoff=handoff)
         else:
             self._submit(parsed, delivery, handoff)
+
+    def _parse(self, message: IncomingMessage) -> Request | Rejection:
+        try:
+            return parse_request(
+                message.payload,
+                rules=self.rules,
+                received_at=message.received_at,
+                property_reply_topic=message.response_topic,
+                correlation_data=message.correlation_data,
+            )
+        except Exception:  # a payload the parser cannot cope with (JSON nested too deep) still gets a coded answer
+            log.exception("request_unparsable", topic=message.topic, size=len(message.payload))
+            return Rejection("invalid_json", "payload could not be parsed", None, None, message.correlation_data)
 
     def _seen_before(
         self, request_id: str | None, delivery: Delivery | None, *, dup: bool, handoff: str | None = None
@@ -690,13 +703,7 @@ class MqttDoor:
         topic = message.topic
         if topic == self.topics.prompt or (self.cluster and topic == self.topics.group_prompt):
             handled = "answered"
-            parsed = parse_request(
-                message.payload,
-                rules=self.rules,
-                received_at=message.received_at,
-                property_reply_topic=message.response_topic,
-                correlation_data=message.correlation_data,
-            )
+            parsed = self._parse(message)
             if isinstance(parsed, Rejection):
                 self._reject(parsed, delivery=message.delivery)
             else:
