@@ -256,3 +256,17 @@ def test_a_recorded_hand_off_keeps_its_reply_topic_and_token(tmp_path: Path) -> 
     ledger.close()
     (pending,) = opened(path).unsettled_finals()
     assert (pending.topic, pending.response_topic, pending.handoff) == ("rkllm/peer/prompt", "rkllm/reply/x", "ab" * 16)
+
+
+def test_many_finals_on_their_way_do_not_make_every_append_rewrite_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "settled.log"
+    ledger = opened(path, keep=10)
+    inode = path.stat().st_ino
+    rewrites = 0
+    for i in range(200):
+        ledger.record_final(f"f-{i}", "t", b"x", None, durable=False)
+        if path.stat().st_ino != inode:  # a rewrite renames a new file over the old one
+            rewrites += 1
+            inode = path.stat().st_ino
+    assert rewrites <= 8, rewrites
+    assert len(ledger.unsettled_finals()) == 200

@@ -257,7 +257,9 @@ class SettledLedger:
             self._remember(request_id, self.clock(), pending)
             self._records_in_file += 1
             self._trim()
-            if self._records_in_file >= 2 * max(self.keep, 1):
+            # Twice what a rewrite would keep: each rewrite is paid for by as many appends (never one per append,
+            # also when many finals are on their way at once).
+            if self._records_in_file >= 2 * max(self.keep, len(self._ids) + len(self._pending), 1):
                 self._rewrite()
 
     def __len__(self) -> int:
