@@ -71,6 +71,9 @@ _OVERFLOW_LOG_EVERY = 1000
 _DEEP_INBOX = 1000
 # How often a held-back state publish looks again whether the broker has caught up.
 _STATE_RETRY_S = 0.2
+# How often, after a flood, the door looks whether its answers have left so that memory can be given back.
+_RELEASE_RETRY_S = 1.0
+_RELEASE_TRIES = 60
 _HEALTH: dict[RuntimeStatus, HealthStatus] = {
     "ready": "ok",
     "failed": "error",
@@ -240,6 +243,15 @@ class MqttDoor:
         with self._state_lock:
             self.publisher.state(self.state_payload())
 
+    def _release_after_flood(self, tries: int = 0) -> None:
+        """Dispatcher thread: the inbox has drained; once the answers have left too (or after a minute of
+        trying), give the flood's heap back."""
+        assert self.publisher is not None
+        if self.publisher.transport.backlog > 0 and tries < _RELEASE_TRIES:
+            self.dispatcher.call_later(_RELEASE_RETRY_S, partial(self._release_after_flood, tries + 1))
+            return
+        release_free_memory()
+
     def _refresh_state(self) -> None:
         """Dispatcher thread: publish the state held back while the broker was behind, once it has caught up."""
         assert self.publisher is not None
@@ -349,7 +361,7 @@ class MqttDoor:
                 raise
             if self._flooded and self.dispatcher.depth == 0:
                 self._flooded = False
-                release_free_memory()  # the flood is over: give its heap back
+                self._release_after_flood()
         elif isinstance(item, _RefreshState):
             self._refresh_state()
         elif isinstance(item, _Connected):
