@@ -23,4 +23,13 @@ def sim_extension(abi: str) -> Extension:
     )
 
 
-setup(ext_modules=[sim_extension("1.2"), sim_extension("1.3")])
+def relay_extension() -> Extension:
+    # The worker's token callback in C (rkllm_mqtt/runtime/relay/relay.c): loaded with cffi like the runtime.
+    return Extension(
+        "rkllm_mqtt.runtime.relay._librelay",
+        sources=["rkllm_mqtt/runtime/relay/relay.c"],
+        extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
+    )
+
+
+setup(ext_modules=[sim_extension("1.2"), sim_extension("1.3"), relay_extension()])

@@ -1,7 +1,8 @@
 """``rkllm-mqtt ask``: publish one request and stream the answer to stdout.
 
-Exit codes: 0 the answer is done; 1 the bridge answered with an error, abort or timeout;
-2 no answer in time (the bridge is probably not running); 3 the broker cannot be reached.
+It connects as the daemon does (:mod:`rkllm_mqtt.mqtt_client`), then looks at the node's retained availability
+before asking: an offline or unknown node is reported at once, with the nodes that can be seen under the base
+topic, instead of waiting for an answer that cannot come. Exit codes: :mod:`rkllm_mqtt.exit_codes`.
 """
 
 from __future__ import annotations
@@ -14,94 +15,85 @@ import uuid
 from typing import Any
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from rkllm_mqtt import exit_codes
+from rkllm_mqtt.mqtt_client import ConnectError, connect
 from rkllm_mqtt.settings import Settings
 from rkllm_mqtt.topics import ReplyTopics, Topics
 
-EXIT_ERROR = 1
-EXIT_NO_ANSWER = 2
-EXIT_UNREACHABLE = 3
-CONNECT_TIMEOUT_S = 3.0
+CONNECT_TIMEOUT_S = 5.0
+# How long the node's retained availability may take to arrive. It normally comes in milliseconds; the wait ends
+# as soon as the broker has answered a later SUBSCRIBE, which it does only after sending the retained messages.
+AVAILABILITY_WAIT_S = 2.0
 DEFAULT_TIMEOUT_S = 300.0
+AVAILABILITY_LEVEL = "availability"
 
 
 class _Session:
     """What arrives for one request, collected on paho's thread and read on the main thread."""
 
-    def __init__(self, reply: ReplyTopics, request_id: str, availability_topic: str, *, print_stream: bool) -> None:
-        self.reply = reply
-        self.availability_topic = availability_topic
+    def __init__(self, topics: Topics, request_id: str, *, print_stream: bool) -> None:
+        self.topics = topics
         self.request_id = request_id
         self.print_stream = print_stream
+        self.reply: ReplyTopics | None = None
         self.printed = ""
         self.final: dict[str, Any] | None = None
+        self.availability: dict[str, str] = {}  # node id -> its retained availability
+        self.went_offline = False
         self.done = threading.Event()
-        self.subscribed = threading.Event()
-        self.availability: str | None = None
+        self.subacks: set[int] = set()
+        self.subscribed = threading.Condition()
+
+    def on_subscribe(self, client: mqtt.Client, userdata: Any, mid: int, codes: Any, props: Any) -> None:
+        with self.subscribed:
+            self.subacks.add(mid)
+            self.subscribed.notify_all()
+
+    def wait_suback(self, mid: int, timeout: float) -> bool:
+        with self.subscribed:
+            return self.subscribed.wait_for(lambda: mid in self.subacks, timeout)
+
+    def _node_of(self, topic: str) -> str | None:
+        levels = topic.split("/")
+        base = self.topics.base.split("/")
+        if len(levels) == len(base) + 2 and levels[: len(base)] == base and levels[-1] == AVAILABILITY_LEVEL:
+            return levels[len(base)]
+        return None
 
     def on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        node = self._node_of(message.topic)
+        if node is not None:
+            state = message.payload.decode("utf-8", errors="replace").strip()
+            self.availability[node] = state
+            if node == self.topics.node and state == "offline" and self.reply is not None:
+                self.went_offline = True  # the bridge stopped (or died) while we wait: no answer will come
+                self.done.set()
+            return
+        reply = self.reply
+        if reply is None:
+            return
         try:
             data = json.loads(message.payload) if message.payload else {}
         except ValueError:
-            data = {}
-        # Check every topic: some brokers (amqtt) send unrelated retained messages to a new subscription.
-        if message.topic == self.availability_topic:
-            self.availability = message.payload.decode("utf-8", errors="replace")
-        elif message.topic == self.reply.stream and data.get("id") == self.request_id:
+            return
+        if not isinstance(data, dict) or data.get("id") != self.request_id:
+            return
+        if message.topic == reply.stream:
             text = str(data.get("text", ""))
             self.printed += text
             if self.print_stream:
                 sys.stdout.write(text)
                 sys.stdout.flush()
-        elif message.topic == self.reply.final and data.get("id") == self.request_id:
+        elif message.topic == reply.final:
             self.final = data
             self.done.set()
 
 
-def _connect(host: str, port: int, settings: Settings, v5: bool, session: _Session) -> mqtt.Client | None:
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"rkllm-ask-{uuid.uuid4().hex[:8]}",
-        protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-    )
-    password = settings.mqtt.resolved_password()
-    if settings.mqtt.username is not None or password is not None:
-        client.username_pw_set(settings.mqtt.username, password.get_secret_value() if password else None)
-    if settings.mqtt.uses_tls:
-        client.tls_set(ca_certs=str(settings.mqtt.tls_ca_file) if settings.mqtt.tls_ca_file else None)
-        client.tls_insecure_set(settings.mqtt.tls_insecure)
-    connected = threading.Event()
-    outcome: dict[str, bool] = {}
-
-    def on_connect(c: mqtt.Client, u: Any, flags: Any, reason: Any, props: Any) -> None:
-        outcome["ok"] = not reason.is_failure
-        connected.set()
-
-    client.on_connect = on_connect
-    client.on_message = session.on_message
-    client.on_subscribe = lambda *args: session.subscribed.set()
-    try:
-        client.connect(host, port, settings.mqtt.keepalive_s)
-    except OSError as exc:
-        print(f"rkllm-mqtt ask: cannot reach the broker at {host}:{port}: {exc}", file=sys.stderr)
-        return None
-    client.loop_start()
-    if connected.wait(CONNECT_TIMEOUT_S) and outcome.get("ok"):
-        return client
-    client.loop_stop()
-    client.disconnect()
-    return None
-
-
-def ask(settings: Settings, args: argparse.Namespace) -> int:
-    host = args.host or settings.mqtt.host or "127.0.0.1"
-    port = args.port or settings.mqtt.port
-    topics = Topics(args.base or settings.mqtt.base_topic, args.node or settings.mqtt.node_id)
+def _request(args: argparse.Namespace, request_id: str) -> dict[str, Any]:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
-    request_id = f"ask-{uuid.uuid4().hex[:12]}"
     body: dict[str, Any] = {"id": request_id, "prompt": prompt}
     if args.session:
         body["session"] = args.session
@@ -109,48 +101,92 @@ def ask(settings: Settings, args: argparse.Namespace) -> int:
         body["system"] = args.system
     if args.max_new_tokens:
         body["max_new_tokens"] = args.max_new_tokens
-    timeout = args.timeout or DEFAULT_TIMEOUT_S
     if args.timeout:
         body["timeout_s"] = args.timeout
+    return body
 
-    want_v5 = settings.mqtt.protocol != "3.1.1" and not (settings.mqtt.host is None and args.host is None)
-    prefixes = settings.reply_prefixes()
-    reply_v5 = ReplyTopics(f"{prefixes[0]}/{request_id}") if prefixes else ReplyTopics(topics.response(request_id))
-    client: mqtt.Client | None = None
-    reply = reply_v5
-    session = _Session(reply, request_id, topics.availability, print_stream=not args.json)
-    if want_v5:
-        client = _connect(host, port, settings, True, session)
-    if client is None:
-        reply = ReplyTopics(topics.response(request_id))
-        session = _Session(reply, request_id, topics.availability, print_stream=not args.json)
-        client = _connect(host, port, settings, False, session)
-    if client is None:
-        print(f"rkllm-mqtt ask: could not connect to the broker at {host}:{port}", file=sys.stderr)
-        return EXIT_UNREACHABLE
-    v5 = client.protocol == mqtt.MQTTv5
-    client.subscribe([(reply.final, 1), (reply.stream, 1), (topics.availability, 1)])
-    session.subscribed.wait(CONNECT_TIMEOUT_S)
-    properties = None
-    if v5:
-        properties = Properties(PacketTypes.PUBLISH)
-        properties.ResponseTopic = reply.final
-        properties.CorrelationData = request_id.encode()
-    client.publish(topics.prompt, json.dumps(body).encode(), qos=1, properties=properties).wait_for_publish(
-        CONNECT_TIMEOUT_S
-    )
-    answered = session.done.wait(timeout + 10.0)
-    client.loop_stop()
-    client.disconnect()
-    if not answered or session.final is None:
-        state = session.availability or "unknown"
-        print(
-            f"\nrkllm-mqtt ask: no answer within {timeout + 10.0:.0f} s on {reply.final} "
-            f"(bridge {topics.root} availability: {state})",
-            file=sys.stderr,
+
+def _seen(session: _Session) -> str:
+    nodes = sorted(session.availability.items())
+    if not nodes:
+        return f"no node has a retained availability under {session.topics.base}/ on this broker"
+    listed = ", ".join(f"{node} ({state})" for node, state in nodes)
+    return f"nodes under {session.topics.base}/: {listed}"
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"rkllm-mqtt ask: {message}", file=sys.stderr)
+    return code
+
+
+def ask(settings: Settings, args: argparse.Namespace) -> int:
+    host = args.host or settings.mqtt.host or "127.0.0.1"
+    port = args.port or settings.mqtt.port
+    topics = Topics(args.base or settings.mqtt.base_topic, args.node or settings.mqtt.node_id)
+    request_id = f"ask-{uuid.uuid4().hex[:12]}"
+    body = _request(args, request_id)
+    timeout = args.timeout or DEFAULT_TIMEOUT_S
+    session = _Session(topics, request_id, print_stream=not args.json)
+    try:
+        connection = connect(
+            settings.mqtt,
+            host=host,
+            port=port,
+            embedded=settings.mqtt.host is None and args.host is None,
+            client_id=f"rkllm-ask-{uuid.uuid4().hex[:8]}",
+            timeout=CONNECT_TIMEOUT_S,
+            on_message=session.on_message,
         )
-        return EXIT_NO_ANSWER
-    final = session.final
+    except ConnectError as exc:
+        hint = f" ({exc.hint})" if exc.hint else ""
+        return _fail(f"{exc.detail}{hint}", exit_codes.BROKER_UNREACHABLE)
+    client = connection.client
+    v5 = connection.protocol == "5"
+    prefixes = settings.reply_prefixes()
+    # MQTT 5 carries the reply topic as a property; 3.1.1 uses the node's default response topic.
+    reply = ReplyTopics(f"{prefixes[0]}/{request_id}") if v5 and prefixes else ReplyTopics(topics.response(request_id))
+    client.on_subscribe = session.on_subscribe
+    client.loop_start()
+    try:
+        client.subscribe(f"{topics.base}/+/{AVAILABILITY_LEVEL}", 1)
+        # Answered only after the retained availabilities above were sent: the barrier for reading them.
+        _rc, barrier = client.subscribe([(reply.final, 1), (reply.stream, 1)])
+        if barrier is None:
+            return _fail(f"lost the connection to the broker at {host}:{port}", exit_codes.BROKER_UNREACHABLE)
+        session.wait_suback(barrier, AVAILABILITY_WAIT_S)
+        state = session.availability.get(topics.node)
+        if state is None:
+            return _fail(
+                f"node {topics.node!r} is unknown: nothing retained on {topics.availability}; {_seen(session)} "
+                "(is rkllm-mqtt serve running there? check --node, --base, --host)",
+                exit_codes.NODE_OFFLINE,
+            )
+        if state != "online":
+            return _fail(
+                f"node {topics.node!r} is {state} ({topics.availability}); {_seen(session)}",
+                exit_codes.NODE_OFFLINE,
+            )
+        session.reply = reply
+        properties = None
+        if v5:
+            properties = Properties(PacketTypes.PUBLISH)
+            properties.ResponseTopic = reply.final
+            properties.CorrelationData = request_id.encode()
+        client.publish(topics.prompt, json.dumps(body).encode(), qos=1, properties=properties)
+        answered = session.done.wait(timeout)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    if session.final is None:
+        if session.went_offline:
+            return _fail(f"\nnode {topics.node!r} went offline before answering", exit_codes.NODE_OFFLINE)
+        reason = "no answer" if not answered else "no final answer"
+        return _fail(f"\n{reason} within {timeout:g} s on {reply.final}", exit_codes.NO_ANSWER)
+    return _print_final(session, args)
+
+
+def _print_final(session: _Session, args: argparse.Namespace) -> int:
+    final = session.final or {}
     if args.json:
         print(json.dumps(final, indent=2, ensure_ascii=False))
     else:
@@ -161,9 +197,7 @@ def ask(settings: Settings, args: argparse.Namespace) -> int:
         sys.stdout.flush()
     if final.get("state") != "done":
         error = final.get("error") or {}
-        print(
-            f"rkllm-mqtt ask: {final.get('state')}: {error.get('code', '')}: {error.get('message', '')}",
-            file=sys.stderr,
+        return _fail(
+            f"{final.get('state')}: {error.get('code', '')}: {error.get('message', '')}", exit_codes.REQUEST_FAILED
         )
-        return EXIT_ERROR
-    return 0
+    return exit_codes.OK

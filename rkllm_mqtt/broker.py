@@ -2,20 +2,40 @@
 
 It runs in its own thread with its own asyncio loop so the rest of the daemon stays synchronous.
 amqtt speaks MQTT 3.1.1 only; the transport knows to connect to it with 3.1.1 straight away.
+
+amqtt is corrected in two places (see :func:`_mosquitto_like_broker`) so that every example written for
+Mosquitto works on it too. The corrections reach into amqtt's private methods, so they are tested with the
+amqtt versions in ``TESTED_AMQTT_VERSIONS`` only (``pyproject.toml`` pins the same), and a warning is logged
+when another version is installed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import errno
 import socket
 import threading
+from importlib import metadata
 from typing import Any
 
 import structlog
 
+from rkllm_mqtt import __version__
+
 log = structlog.get_logger(__name__)
+
+# Set while amqtt handles a SUBSCRIBE packet: the only time retained messages are due (see below).
+_SUBSCRIBING: contextvars.ContextVar[bool] = contextvars.ContextVar("rkllm_mqtt_subscribing", default=False)
+
+# The broker says what it is on this retained topic, as Mosquitto does ("mosquitto version 2.0.18"); doctor
+# reads it to recognise the embedded broker of a daemon that is already running.
+SYS_VERSION_TOPIC = "$SYS/broker/version"
+EMBEDDED_IDENTITY = "rkllm-mqtt embedded broker"
+
+# The amqtt releases the corrections below were written for and tested with.
+TESTED_AMQTT_VERSIONS = ("0.12.1",)
 
 
 class BrokerStartError(Exception):
@@ -67,15 +87,17 @@ class EmbeddedBroker:
         log.info("embedded_broker_started", host=self.host, port=self.port)
 
     def _run(self) -> None:
-        from amqtt.broker import Broker  # imported here: only the embedded mode pays for it
+        broker_class = _mosquitto_like_broker()  # amqtt imported here: only the embedded mode pays for it
 
         loop = asyncio.new_event_loop()
         self._loop = loop
         asyncio.set_event_loop(loop)
 
         async def boot() -> None:
-            self._broker = Broker(self._config(), loop=loop)
+            self._broker = broker_class(self._config(), loop=loop)
             await self._broker.start()
+            identity = f"{EMBEDDED_IDENTITY} {__version__} (amqtt {amqtt_version()})"
+            await self._broker.retain_message(None, SYS_VERSION_TOPIC, identity.encode(), 0)
 
         try:
             loop.run_until_complete(boot())
@@ -98,3 +120,70 @@ class EmbeddedBroker:
         loop.call_soon_threadsafe(loop.stop)
         self._thread.join(timeout)
         log.info("embedded_broker_stopped", host=self.host, port=self.port)
+
+
+def amqtt_version() -> str | None:
+    try:
+        return metadata.version("amqtt")
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _mosquitto_like_broker() -> type[Any]:
+    """amqtt's ``Broker``, corrected where it behaves differently from Mosquitto (and from MQTT 3.1.1).
+
+    1. **A PUBLISH that arrives together with the DISCONNECT is dropped.** amqtt's reader hands each packet to a
+       new task and reads on; with PUBLISH, DISCONNECT and the end of the stream already buffered it reads all
+       three without yielding, then cancels the tasks still pending, the PUBLISH's among them, before it ran.
+       A client that sends CONNECT, a QoS 0 PUBLISH and DISCONNECT in one go (small devices do) lost every
+       message. Corrected by yielding once per read (:class:`_YieldingReader`).
+    2. **A connecting client is sent the retained messages of every subscription on the broker**, not only its
+       own: after CONNECT amqtt replays retained messages for every filter in its subscription table, whoever
+       holds it. MQTT sends retained messages when a subscription is made, and Mosquitto does only that, also
+       for a resumed session (whose client subscribes again if it wants them). Corrected the same way: retained
+       messages go out only from the handling of a SUBSCRIBE (``_handle_subscription``). The replay also wrote
+       to clients that had already sent DISCONNECT and closed, which reset the connection and lost what they
+       had published.
+    """
+    from amqtt.adapters import StreamReaderAdapter, StreamWriterAdapter
+    from amqtt.broker import Broker
+
+    version = amqtt_version()
+    if version not in TESTED_AMQTT_VERSIONS:
+        log.warning(
+            "embedded_broker_untested_amqtt",
+            amqtt=version,
+            tested=list(TESTED_AMQTT_VERSIONS),
+            hint="the embedded broker's corrections were tested with other amqtt versions",
+        )
+
+    class _YieldingReader(StreamReaderAdapter):  # type: ignore[misc]
+        async def read(self, n: int = -1) -> bytes:
+            # With the bytes already buffered, amqtt's reader loop could read PUBLISH, DISCONNECT and the end of
+            # the stream without ever yielding, then cancel the PUBLISH's task before it started. One yield per
+            # read lets every task created for an earlier packet run first.
+            await asyncio.sleep(0)
+            data: bytes = await super().read(n)
+            return data
+
+    class MosquittoLikeBroker(Broker):  # type: ignore[misc]
+        async def stream_connected(
+            self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, listener_name: str
+        ) -> None:
+            await self._client_connected(listener_name, _YieldingReader(reader), StreamWriterAdapter(writer))
+
+        async def _handle_subscription(self, client_session: Any, handler: Any, subscribe_waiter: Any) -> None:
+            token = _SUBSCRIBING.set(True)
+            try:
+                await super()._handle_subscription(client_session, handler, subscribe_waiter)
+            finally:
+                _SUBSCRIBING.reset(token)
+
+        async def _publish_retained_messages_for_subscription(
+            self, subscription: tuple[str, int], session: Any
+        ) -> None:
+            # Retained messages go out for a subscription the client is making now, never on connect.
+            if _SUBSCRIBING.get():
+                await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    return MosquittoLikeBroker

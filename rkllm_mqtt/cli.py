@@ -1,4 +1,4 @@
-"""The ``rkllm-mqtt`` command: serve, ask, doctor, check-config."""
+"""The ``rkllm-mqtt`` command: serve, ask, doctor, check-config. Exit codes: :mod:`rkllm_mqtt.exit_codes`."""
 
 # ruff: noqa: E402  (rich is kept out before structlog is imported, below)
 
@@ -19,12 +19,10 @@ sys.modules.setdefault("rich", None)  # type: ignore[arg-type]
 
 import structlog
 
-from rkllm_mqtt import __version__
+from rkllm_mqtt import __version__, exit_codes
 from rkllm_mqtt.errors import ConfigError
 from rkllm_mqtt.logs import configure_logging
 from rkllm_mqtt.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
-
-EXIT_CONFIG = 2
 
 log = structlog.get_logger("rkllm_mqtt")
 
@@ -56,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     ask.add_argument("--session", help="conversation id, to continue a conversation")
     ask.add_argument("--system", help="system prompt for this request")
     ask.add_argument("--max-new-tokens", type=int, help="cap on generated tokens")
-    ask.add_argument("--timeout", type=float, default=None, help="seconds to wait for the answer (default 300)")
+    ask.add_argument(
+        "--timeout", type=float, default=None, help="seconds to wait for the final answer, in all (default 300)"
+    )
     ask.add_argument("--json", action="store_true", help="print the final response object instead of the text")
 
     doctor = commands.add_parser("doctor", help="check the board, runtime, model and broker")
@@ -72,10 +72,11 @@ def _load(args: argparse.Namespace) -> Settings:
 
 
 def _check_config(settings: Settings) -> int:
+    # stdout is the JSON alone, so `rkllm-mqtt check-config | jq` works; where it came from goes to stderr.
     source = str(settings.source_file) if settings.source_file else "(no file: defaults and environment)"
-    print(f"# configuration from {source}")
+    print(f"# configuration from {source}", file=sys.stderr)
     print(json.dumps(settings.masked(), indent=2, sort_keys=False))
-    return 0
+    return exit_codes.OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -84,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = _load(args)
     except ConfigError as exc:
         print(f"rkllm-mqtt: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return exit_codes.CONFIG
     configure_logging(settings.logging.level, settings.logging.format)
 
     if args.command == "check-config":
@@ -101,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from rkllm_mqtt.doctor import doctor
 
         return doctor(settings)
-    return EXIT_CONFIG  # unreachable: argparse requires a known command
+    return exit_codes.CONFIG  # unreachable: argparse requires a known command
 
 
 if __name__ == "__main__":  # pragma: no cover

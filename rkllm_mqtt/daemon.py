@@ -17,9 +17,11 @@ from types import FrameType
 
 import structlog
 
-from rkllm_mqtt import __version__
+from rkllm_mqtt import __version__, exit_codes
+from rkllm_mqtt.api.server import ApiServer, ApiStartError
 from rkllm_mqtt.bridge.door import MqttDoor
 from rkllm_mqtt.bridge.ledger import SettledLedger, ledger_path, resolve_state_dir
+from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.bridge.transport import MqttTransport, Subscription
 from rkllm_mqtt.broker import BrokerStartError, EmbeddedBroker
 from rkllm_mqtt.core.scheduler import Scheduler
@@ -31,7 +33,8 @@ from rkllm_mqtt.settings import Settings
 log = structlog.get_logger("rkllm_mqtt.daemon")
 
 EMBEDDED_HOST = "127.0.0.1"
-EXIT_BROKER = 3
+EXIT_BROKER = exit_codes.EMBEDDED_BROKER_FAILED
+EXIT_API = exit_codes.API_FAILED
 CONTROL_CLIENT_SUFFIX = "-ctl"
 STATUS_INTERVAL_S = 30.0
 # Below the unit's TimeoutStartSec (120 s).
@@ -51,6 +54,8 @@ class Daemon:
         # Abort, clear and status topics, acknowledged on receipt: never behind the prompts' unsettled messages.
         self.control: MqttTransport | None = None
         self.ledger: SettledLedger | None = None
+        self.finals: RetainedFinals | None = None
+        self.api: ApiServer | None = None
 
     def _announce_defaults(self) -> None:
         if self.settings.embedded_broker:
@@ -60,6 +65,12 @@ class Daemon:
                 runtime=self.settings.runtime.resolved_library(),
                 hint="running on the embedded defaults for a first try; set mqtt.host to use your broker "
                 "(Mosquitto, Home Assistant's add-on) and runtime.model_path for a real model",
+            )
+        if self.settings.discovery_defaulted_off:
+            log.info(
+                "homeassistant_discovery_off",
+                reason="the embedded broker listens on 127.0.0.1 only: Home Assistant cannot reach it",
+                hint="set mqtt.host to the broker Home Assistant uses; homeassistant.enabled = true forces discovery",
             )
         if self.settings.runtime.is_simulated:
             log.warning(
@@ -115,7 +126,21 @@ class Daemon:
             force_protocol=protocol,
             client_id_suffix=CONTROL_CLIENT_SUFFIX,
         )
-        self.door.attach(self.transport, acks=self.transport)
+        if s.api.enabled:
+            # The HTTP front door (Ollama's API) on the same scheduler: one queue for the one NPU.
+            self.api = ApiServer(s, self.scheduler, runtime)
+            try:
+                self.api.start()
+            except ApiStartError as exc:
+                log.error("api_start_failed", error=str(exc), hint="free the port or set api.port")
+                self.api = None
+                if self.broker is not None:
+                    self.broker.stop()
+                self.notifier.close()
+                return EXIT_API
+        self.finals = RetainedFinals(self.transport, s.limits.final_retain_s)
+        self.finals.start()
+        self.door.attach(self.transport, self.finals, acks=self.transport)
         self.scheduler.start()
         self.door.start()
         # The transports first: the supervisor's first status change is then published, not refused.
@@ -183,8 +208,12 @@ class Daemon:
         self.notifier.stopping("stopping: finishing the running request")
         if self.scheduler is not None:
             self.scheduler.shutdown(self.settings.limits.shutdown_grace_s)
+        if self.api is not None:
+            self.api.stop()
         if self.door is not None:
             self.door.stop()
+        if self.finals is not None:
+            self.finals.stop()  # before the transport: the clears go out ahead of "offline"
         if self.transport is not None:
             self.transport.stop()
         if self.control is not None:

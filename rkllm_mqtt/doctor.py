@@ -2,7 +2,7 @@
 
 Every check is a small function returning a :class:`CheckResult`, so each can be tested alone. A line
 reads ``PASS|FAIL|WARN|SKIP  <name>: <what was found>``, followed by an indented ``hint:`` on FAIL
-and WARN. The exit code is 1 when any check FAILs.
+and WARN. The exit code is 8 (``exit_codes.CHECK_FAILED``) when any check FAILs.
 
 Status meaning: FAIL stops the bridge from working as configured; WARN works but deserves a look;
 SKIP does not apply to this configuration (for example the NPU checks with the simulated runtime).
@@ -12,7 +12,6 @@ The runtime modules are imported inside the checks, so a broken import costs one
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import fcntl
 import grp
@@ -21,25 +20,25 @@ import platform
 import pwd
 import re
 import socket
-import ssl
 import stat
 import struct
 import sys
 import time
 import uuid
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Final, Literal
 
-import paho.mqtt.client as mqtt
 from cffi import FFI
-from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.enums import MQTTErrorCode
 
-from rkllm_mqtt import __version__
-from rkllm_mqtt.broker import port_is_free
+from rkllm_mqtt import __version__, exit_codes
+from rkllm_mqtt.broker import EMBEDDED_IDENTITY, SYS_VERSION_TOPIC, port_is_free
 from rkllm_mqtt.errors import ConfigError
+from rkllm_mqtt.mqtt_client import ConnectError, Connection, connect, where
 from rkllm_mqtt.settings import ENV_PREFIX, SIM_LIBRARY, Settings
+from rkllm_mqtt.topics import Topics
 
 __all__ = [
     "MIN_DRIVER_VERSION",
@@ -74,6 +73,7 @@ SERVICE_GROUPS: Final = ("render", "video")
 UNIT_DEVICE_ALLOW: Final = ("/dev/dri/renderD128", "/dev/dri/renderD129", "/dev/rknpu")
 
 BROKER_TIMEOUT_S: Final = 5.0
+EMBEDDED_HOST: Final = "127.0.0.1"
 BIRTH_LISTEN_S: Final = 1.5
 
 
@@ -328,12 +328,11 @@ def check_abi(settings: Settings) -> CheckResult:
 
         decision = decide_abi(path, configured)
     except Exception as exc:  # AbiError: the message says what to set
-        return CheckResult(
-            name,
-            "FAIL",
-            str(exc),
-            'set runtime.abi = "1.2" for runtimes 1.2.1 to 1.2.3, or "1.3" for runtime 1.3.0',
-        )
+        from rkllm_mqtt.runtime.abi import abi_choice_hint
+
+        # A refusal for want of a version carries the hint for the log; here it gets its own line, once.
+        hint = abi_choice_hint(path)
+        return CheckResult(name, "FAIL", str(exc).replace(hint, "").strip(), hint)
     try:
         from rkllm_mqtt.runtime.binding import RkllmBinding
 
@@ -678,185 +677,50 @@ def check_npu_driver(settings: Settings, paths: SystemPaths = SystemPaths()) -> 
     if not nodes and settings.runtime.is_simulated:
         return CheckResult(name, "SKIP", "no rknpu driver on this machine; not needed with the simulated runtime")
     looked = ", ".join(source for source, _ in sources)
-    return CheckResult(
-        name,
-        "WARN",
-        f"driver version unreadable (looked in {looked})",
-        "run as root: sudo cat /sys/kernel/debug/rknpu/version (debugfs is readable by root only); "
-        f"RKLLM needs v{_dotted(MIN_DRIVER_VERSION)} or newer",
-    )
+    need = f"RKLLM needs v{_dotted(MIN_DRIVER_VERSION)} or newer"
+    if not nodes:
+        # Nothing to read a version from: the driver is not loaded (the NPU device check says more).
+        hint = f"no rknpu driver is loaded: see the NPU device check; {need}"
+    elif os.geteuid() == 0:
+        hint = f"debugfs is not mounted: mount -t debugfs none /sys/kernel/debug, then run doctor again; {need}"
+    else:
+        hint = f"run as root: sudo cat /sys/kernel/debug/rknpu/version (debugfs is readable by root only); {need}"
+    return CheckResult(name, "WARN", f"driver version unreadable (looked in {looked})", hint)
 
 
 # -- broker --------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Session:
-    """One MQTT connection attempt, driven by the caller's thread through ``client.loop()``."""
-
-    client: Any
-    protocol: str
-    connack: Any = None
-    lost: bool = False
-    messages: list[tuple[str, bytes, bool]] = field(default_factory=list)
-
-
-class _BrokerError(Exception):
-    def __init__(self, status: Status, detail: str, hint: str | None) -> None:
-        super().__init__(detail)
-        self.status: Status = status
-        self.detail = detail
-        self.hint = hint
-
-
-def _where(settings: Settings) -> str:
-    mqtt = settings.mqtt
-    scheme = "mqtts" if mqtt.uses_tls else "mqtt"
-    return f"{scheme}://{mqtt.host or '127.0.0.1'}:{mqtt.port}"
-
-
-def _attempt(settings: Settings, protocol: str, deadline: float) -> _Session:
+def _connect(settings: Settings, timeout: float) -> Connection:
+    """A connection made exactly as serve makes it (rkllm_mqtt.mqtt_client); ConnectError says why not."""
     cfg = settings.mqtt
-    version = MQTTProtocolVersion.MQTTv5 if protocol == "5" else MQTTProtocolVersion.MQTTv311
-    client = mqtt.Client(
-        callback_api_version=CallbackAPIVersion.VERSION2,
+    return connect(
+        cfg,
+        host=cfg.host or EMBEDDED_HOST,
+        port=cfg.port,
+        embedded=settings.embedded_broker,
         client_id=f"rkllm-mqtt-doctor-{uuid.uuid4().hex[:8]}",
-        protocol=version,
-        reconnect_on_failure=False,
+        timeout=timeout,
     )
-    session = _Session(client, protocol)
 
-    def on_connect(_c: Any, _u: Any, _flags: Any, reason_code: Any, _props: Any) -> None:
-        session.connack = reason_code
 
-    def on_disconnect(_c: Any, _u: Any, _flags: Any, _reason: Any, _props: Any) -> None:
-        session.lost = True
-
-    def on_message(_c: Any, _u: Any, message: Any) -> None:
-        session.messages.append((message.topic, bytes(message.payload), bool(message.retain)))
-
-    client.on_connect = on_connect
-    client.on_disconnect = on_disconnect
-    client.on_message = on_message
-    if cfg.username is not None:
-        password = cfg.resolved_password()
-        client.username_pw_set(cfg.username, password.get_secret_value() if password is not None else None)
-    if cfg.uses_tls:
-        client.tls_set(
-            ca_certs=str(cfg.tls_ca_file) if cfg.tls_ca_file else None,
-            certfile=str(cfg.tls_cert_file) if cfg.tls_cert_file else None,
-            keyfile=str(cfg.tls_key_file) if cfg.tls_key_file else None,
-        )
-        if cfg.tls_insecure:
-            client.tls_insecure_set(True)
-    client.connect_timeout = max(0.5, deadline - time.monotonic())
-    client.connect(cfg.host or "127.0.0.1", cfg.port, keepalive=cfg.keepalive_s)
-    while session.connack is None and not session.lost and time.monotonic() < deadline:
+def _retained(connection: Connection, topics: Sequence[str], timeout: float) -> dict[str, str]:
+    """The retained payloads of ``topics``, read after a barrier: a second SUBSCRIBE's SUBACK comes after the
+    retained messages of the first (brokers handle one client's packets in order)."""
+    client = connection.client
+    acked: list[int] = []
+    client.on_subscribe = lambda _c, _u, mid, _codes, _props: acked.append(mid)
+    client.subscribe([(topic, 0) for topic in topics])
+    _result, barrier = client.subscribe(f"$rkllm-doctor/{uuid.uuid4().hex}", 0)
+    end = time.monotonic() + timeout
+    while barrier not in acked and not connection.lost and time.monotonic() < end:
         if client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
-            session.lost = True
-    return session
-
-
-def _probe_tcp(settings: Settings, timeout: float) -> None:
-    """Plain TCP first, so "not reachable" is never confused with a TLS or MQTT problem."""
-    where = _where(settings)
-    host, port = settings.mqtt.host or "127.0.0.1", settings.mqtt.port
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            pass
-    except socket.gaierror as exc:
-        raise _BrokerError("FAIL", f"{where}: host name not resolved ({exc.strerror})", "check mqtt.host") from exc
-    except ConnectionRefusedError as exc:
-        raise _BrokerError(
-            "FAIL",
-            f"{where}: not reachable, connection refused (nothing listens there)",
-            "check mqtt.host and mqtt.port, and that the broker runs",
-        ) from exc
-    except OSError as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or exc.__class__.__name__)
-        raise _BrokerError(
-            "FAIL",
-            f"{where}: not reachable ({reason})",
-            "check mqtt.host and mqtt.port, the network and any firewall between here and the broker",
-        ) from exc
-
-
-def _connect(settings: Settings, timeout: float) -> _Session:
-    """A connected session, or _BrokerError saying what went wrong (unreachable, TLS, login …)."""
-    configured = settings.mqtt.protocol
-    protocols = ["5", "3.1.1"] if configured == "auto" else [configured]
-    where = _where(settings)
-    tls = settings.mqtt.uses_tls
-    deadline = time.monotonic() + timeout
-    _probe_tcp(settings, timeout)
-    for index, protocol in enumerate(protocols):
-        last = index == len(protocols) - 1
-        # "auto" leaves the fallback half of the time: a broker may ignore an MQTT 5 CONNECT.
-        attempt_deadline = deadline if last else time.monotonic() + timeout / 2
-        try:
-            session = _attempt(settings, protocol, attempt_deadline)
-        except ConfigError as exc:
-            raise _BrokerError("FAIL", f"{where}: {exc}", "fix mqtt.password_file") from exc
-        except ssl.SSLCertVerificationError as exc:
-            raise _BrokerError(
-                "FAIL",
-                f"{where}: TLS error, the broker's certificate is not trusted: {exc.verify_message}",
-                "set mqtt.tls_ca_file to the CA that signed the broker's certificate; check mqtt.host",
-            ) from exc
-        except ssl.SSLError as exc:
-            raise _BrokerError(
-                "FAIL",
-                f"{where}: TLS error: {exc.reason or exc}",
-                "check that the port speaks TLS (usually 8883) and the certificate and key files",
-            ) from exc
-        except OSError as exc:
-            if tls and isinstance(exc, TimeoutError):
-                raise _BrokerError(
-                    "FAIL",
-                    f"{where}: TLS error: the TCP connection opens but the TLS handshake gets no answer",
-                    "this port does not seem to speak TLS: use the broker's TLS port (usually 8883)",
-                ) from exc
-            reason = exc.strerror or exc.__class__.__name__
-            raise _BrokerError(
-                "FAIL",
-                f"{where}: connection failed after TCP connected ({reason})",
-                "check that this port is an MQTT broker" + (" speaking TLS" if tls else ""),
-            ) from exc
-        code = session.connack
-        if code is None:
-            with contextlib.suppress(Exception):
-                session.client.disconnect()
-            if not last:
-                continue
-            detail = "closed the connection" if session.lost else f"did not answer within {timeout:.0f} s"
-            raise _BrokerError(
-                "FAIL",
-                f"{where}: reachable, but the broker {detail} (MQTT {protocol})",
-                "check that this port is an MQTT broker (not TLS, not websockets) and mqtt.protocol",
-            )
-        value = int(code.value)
-        if value == 0:
-            return session
-        with contextlib.suppress(Exception):
-            session.client.disconnect()
-        if value in (1, 132) and not last:  # unacceptable protocol version: fall back to 3.1.1
-            continue
-        if value in (4, 5, 134, 135):
-            login = f"as {settings.mqtt.username!r}" if settings.mqtt.username else "without credentials"
-            raise _BrokerError(
-                "FAIL",
-                f"{where}: login refused {login} ({code})",
-                "check mqtt.username and mqtt.password / mqtt.password_file",
-            )
-        hint = 'set mqtt.protocol = "auto" or "3.1.1"' if value in (1, 132) else None
-        raise _BrokerError("FAIL", f"{where}: connection refused by the broker ({code})", hint)
-    raise _BrokerError("FAIL", f"{where}: no MQTT protocol to try", None)  # pragma: no cover
-
-
-def _close(session: _Session) -> None:
-    with contextlib.suppress(Exception):
-        session.client.disconnect()
-        session.client.loop(timeout=0.1)
+            break
+    return {
+        topic: payload.decode("utf-8", "replace").strip()
+        for topic, payload, retain in connection.messages
+        if retain and topic in topics
+    }
 
 
 def _port_is_free(host: str, port: int) -> bool:
@@ -866,40 +730,77 @@ def _port_is_free(host: str, port: int) -> bool:
         return False
 
 
+def _embedded_port_taken(settings: Settings, timeout: float) -> CheckResult:
+    """mqtt.host is unset but the port is taken: by this node's own daemon, another broker, or not a broker."""
+    name = "broker"
+    cfg = settings.mqtt
+    place = f"{EMBEDDED_HOST}:{cfg.port}"
+    try:
+        connection = _connect(settings, timeout)
+    except ConnectError:
+        return CheckResult(
+            name,
+            "FAIL",
+            f"mqtt.host is unset, but {place} is taken by something that is not an MQTT broker",
+            f"free port {cfg.port}, or set mqtt.port to another port",
+        )
+    topics = Topics(cfg.base_topic, cfg.node_id)
+    try:
+        seen = _retained(connection, [SYS_VERSION_TOPIC, topics.availability], timeout)
+    finally:
+        connection.close()
+    identity = seen.get(SYS_VERSION_TOPIC, "")
+    availability = seen.get(topics.availability)
+    if identity.startswith(EMBEDDED_IDENTITY) and availability == "online":
+        return CheckResult(
+            name,
+            "PASS",
+            f"{place} is the embedded broker of the rkllm-mqtt serve already running for node {cfg.node_id} "
+            f"({identity}; {topics.availability} is online)",
+        )
+    if identity.startswith(EMBEDDED_IDENTITY):
+        return CheckResult(
+            name,
+            "WARN",
+            f"mqtt.host is unset, but {place} is the embedded broker of another rkllm-mqtt serve ({identity}; "
+            f"{topics.availability} is {availability or 'not retained'}): a second one cannot start there",
+            "stop that serve, or give this one another mqtt.port",
+        )
+    what = f"an MQTT broker ({identity})" if identity else "an MQTT broker"
+    return CheckResult(
+        name,
+        "WARN",
+        f"mqtt.host is unset, but {what} already runs on {place}: the embedded one cannot start",
+        f'set mqtt.host = "{EMBEDDED_HOST}" to use that broker, or stop it',
+    )
+
+
 def check_broker(settings: Settings, timeout: float = BROKER_TIMEOUT_S) -> CheckResult:
     name = "broker"
     cfg = settings.mqtt
     if cfg.host is None:
-        where = f"127.0.0.1:{cfg.port}"
-        if _port_is_free("127.0.0.1", cfg.port):
+        if _port_is_free(EMBEDDED_HOST, cfg.port):
             return CheckResult(
                 name,
                 "PASS",
-                f"mqtt.host is unset: serve will start the embedded broker on {where} (port is free)",
+                f"mqtt.host is unset: serve will start the embedded broker on {EMBEDDED_HOST}:{cfg.port} "
+                "(port is free)",
             )
-        try:
-            session = _connect(settings, timeout)
-        except _BrokerError:
-            return CheckResult(
-                name,
-                "FAIL",
-                f"mqtt.host is unset, but {where} is taken by something that is not an MQTT broker",
-                f"free port {cfg.port}, or set mqtt.port to another port",
-            )
-        _close(session)
-        return CheckResult(
-            name,
-            "WARN",
-            f"mqtt.host is unset, but an MQTT broker already runs on {where}: the embedded one cannot start",
-            'set mqtt.host = "127.0.0.1" to use that broker, or stop it',
-        )
+        return _embedded_port_taken(settings, timeout)
     try:
-        session = _connect(settings, timeout)
-    except _BrokerError as problem:
-        return CheckResult(name, problem.status, problem.detail, problem.hint)
-    _close(session)
+        connection = _connect(settings, timeout)
+    except ConnectError as problem:
+        return CheckResult(name, "FAIL", problem.detail, problem.hint)
+    connection.close()
     login = f" as {cfg.username!r}" if cfg.username else ""
-    return CheckResult(name, "PASS", f"{_where(settings)}: connected{login} with MQTT {session.protocol}")
+    tls = ""
+    if cfg.uses_tls:
+        tls = " over TLS" + (" with a client certificate" if cfg.tls_cert_file else "")
+    return CheckResult(
+        name,
+        "PASS",
+        f"{where(cfg, cfg.host, cfg.port)}: connected{login}{tls} with MQTT {connection.protocol}",
+    )
 
 
 def check_homeassistant(
@@ -907,6 +808,13 @@ def check_homeassistant(
 ) -> CheckResult:
     name = "Home Assistant"
     ha = settings.homeassistant
+    if settings.discovery_defaulted_off:
+        return CheckResult(
+            name,
+            "SKIP",
+            "discovery is off: the embedded broker listens on 127.0.0.1 only, where Home Assistant cannot reach it "
+            "(set mqtt.host to Home Assistant's broker to use it)",
+        )
     if not ha.enabled:
         return CheckResult(name, "SKIP", "discovery is disabled (homeassistant.enabled = false)")
     topic = ha.status_topic
@@ -920,7 +828,7 @@ def check_homeassistant(
         )
     try:
         session = _connect(settings, timeout)
-    except _BrokerError:
+    except ConnectError:
         return CheckResult(name, "SKIP", f"discovery under {ha.discovery_prefix}/; broker not reachable")
     try:
         session.client.subscribe(topic, qos=0)
@@ -928,11 +836,10 @@ def check_homeassistant(
         while time.monotonic() < end and not session.lost:
             if session.client.loop(timeout=0.1) != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 break
-            # Some brokers send retained messages that do not match the filter: look at the topic.
             if any(t == topic for t, _p, _r in session.messages):
                 break
     finally:
-        _close(session)
+        session.close()
     payloads = [payload.decode("utf-8", "replace").strip() for t, payload, _r in session.messages if t == topic]
     if "online" in payloads:
         return CheckResult(name, "PASS", f"discovery enabled; Home Assistant's 'online' seen on {topic}")
@@ -967,6 +874,9 @@ def run_checks(settings: Settings) -> list[CheckResult]:
         check_broker,
         check_homeassistant,
     ]
+    from rkllm_mqtt.api.preflight import check_api  # it builds on this module's CheckResult
+
+    checks.append(check_api)
     results: list[CheckResult] = []
     for check in checks:
         try:
@@ -980,10 +890,10 @@ def run_checks(settings: Settings) -> list[CheckResult]:
 
 
 def doctor(settings: Settings) -> int:
-    """Print one line per check; 1 when any check failed, else 0."""
+    """Print one line per check; exit_codes.CHECK_FAILED when any check failed, else 0."""
     print(f"rkllm-mqtt {__version__} doctor on {socket.gethostname()} ({_host_machine()})", flush=True)
     results = run_checks(settings)
     counts = {status: sum(1 for r in results if r.status == status) for status in ("PASS", "FAIL", "WARN", "SKIP")}
     summary = ", ".join(f"{count} {status}" for status, count in counts.items())
     print(f"summary: {summary}", flush=True)
-    return 1 if counts["FAIL"] else 0
+    return exit_codes.CHECK_FAILED if counts["FAIL"] else exit_codes.OK

@@ -22,6 +22,7 @@ ErrorCode = Literal[
     "runtime_error",
     "runtime_crashed",
     "runtime_hung",
+    "response_too_large",
 ]
 
 ERROR_CODES: tuple[ErrorCode, ...] = get_args(ErrorCode)
@@ -71,3 +72,14 @@ class RuntimeCallError(RkllmMqttError):
         super().__init__(text)
         self.function = function
         self.ret = ret
+
+
+def quote_input(value: str, limit: int = 64) -> str:
+    """A client's string as an error message may show it: repr-quoted and cut to ``limit`` characters.
+
+    repr escapes control characters, lone surrogates and non-characters, so the message stays valid UTF-8
+    JSON whatever the client sent; the cut keeps a 64 KiB topic or field name from making a 64 KiB error.
+    """
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"

@@ -1,19 +1,36 @@
 """Settings: a TOML file overridden by ``RKLLM_MQTT_<SECTION>__<KEY>`` environment variables.
 
 Every section forbids unknown keys: a misspelled key in a config file must stop the daemon with
-the key named, not be ignored while the user wonders why the setting has no effect.
+the key named, not be ignored while the user wonders why the setting has no effect. The same holds for the
+environment: every variable starting with ``RKLLM_MQTT_`` must name a key, so the variables are read here
+(not by pydantic-settings, which skips a name it does not recognise).
 """
 
 from __future__ import annotations
 
 import difflib
+import json
+import os
 import re
 import socket
 import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rkllm_mqtt.errors import ConfigError
@@ -55,7 +72,10 @@ class MqttSettings(_Section):
     tls_ca_file: Path | None = Field(None, description="CA certificate (PEM) that signed the broker's certificate.")
     tls_cert_file: Path | None = Field(None, description="Client certificate (PEM) for mutual TLS.")
     tls_key_file: Path | None = Field(None, description="Private key (PEM) of the client certificate.")
-    tls_insecure: bool = Field(False, description="Skip the broker host name check. For testing only.")
+    tls_insecure: bool = Field(
+        False,
+        description="Skip the check that the broker's certificate names mqtt.host; the chain is still verified.",
+    )
     client_id: str | None = Field(None, description="MQTT client id. Unset: rkllm-mqtt-<node_id>.")
     keepalive_s: int = Field(30, ge=5, le=65535, description="MQTT keepalive in seconds.")
     protocol: Literal["auto", "5", "3.1.1"] = Field(
@@ -87,7 +107,9 @@ class MqttSettings(_Section):
             try:
                 text = self.password_file.read_text(encoding="utf-8")
             except OSError as exc:
-                raise ConfigError(f"mqtt.password_file: cannot read {self.password_file}: {exc}") from exc
+                raise ConfigError(
+                    f"mqtt.password_file: cannot read {self.password_file}: {exc.strerror or exc}"
+                ) from exc
             return SecretStr(text.rstrip("\r\n"))
         return self.password
 
@@ -153,6 +175,10 @@ class RuntimeSettings(_Section):
 
 class LimitsSettings(_Section):
     max_prompt_bytes: int = Field(16384, ge=1, description="Largest prompt in UTF-8 bytes.")
+    max_system_bytes: int = Field(16384, ge=1, description="Largest system prompt a request may send, in UTF-8 bytes.")
+    max_reply_topic_bytes: int = Field(
+        256, ge=1, le=65535, description="Longest reply topic a request may name, in UTF-8 bytes."
+    )
     queue_size: int = Field(8, ge=0, description="Requests that may wait behind the running one.")
     request_timeout_s: float = Field(300.0, gt=0, description="Longest a request may run; timeout_s may lower it.")
     hang_grace_s: float = Field(
@@ -165,13 +191,24 @@ class LimitsSettings(_Section):
         default_factory=lambda: ["{base_topic}/reply"],
         description="Reply topics a request may name must lie under one of these ({base_topic} is replaced).",
     )
+    final_retain_s: int = Field(
+        60,
+        ge=0,
+        le=86400,
+        description="Keep each final response retained this long, so a client that subscribes after asking still "
+        "gets it (MQTT 5: message expiry; 3.1.1: the bridge clears it). 0: finals are not retained.",
+    )
     shutdown_grace_s: float = Field(
         10.0, ge=0, description="On stop, how long the running request may finish before it is aborted."
     )
 
 
 class HomeAssistantSettings(_Section):
-    enabled: bool = Field(True, description="Publish Home Assistant MQTT discovery.")
+    enabled: bool = Field(
+        True,
+        description="Publish Home Assistant MQTT discovery. Unset: on with mqtt.host, off on the embedded broker "
+        "(Home Assistant cannot reach 127.0.0.1).",
+    )
     discovery_prefix: str = Field("homeassistant", description="Home Assistant's discovery prefix.")
     status_topic: str = Field(
         "homeassistant/status",
@@ -193,6 +230,25 @@ class DaemonSettings(_Section):
     )
 
 
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class ApiSettings(_Section):
+    enabled: bool = Field(False, description="Serve the Ollama-compatible HTTP API (Home Assistant Assist).")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the API listens on. Anything but loopback exposes the NPU to the network: set a token.",
+    )
+    port: int = Field(11434, ge=1, le=65535, description="TCP port of the API (Ollama's own port by default).")
+    token: SecretStr | None = Field(
+        None, description="When set, every API request must carry 'Authorization: Bearer <token>'."
+    )
+
+    @property
+    def loopback_only(self) -> bool:
+        return self.host in LOOPBACK_HOSTS
+
+
 class LoggingSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
     format: Literal["console", "json"] | None = Field(
@@ -202,8 +258,6 @@ class LoggingSettings(_Section):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix=ENV_PREFIX,
-        env_nested_delimiter="__",
         extra="forbid",
         validate_default=True,
     )
@@ -213,6 +267,7 @@ class Settings(BaseSettings):
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
@@ -228,8 +283,25 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The environment overrides the file; the file's values arrive as init arguments.
-        return (env_settings, init_settings)
+        # load_settings merges the environment over the file (see env_overrides) and passes both as init
+        # arguments, so it can refuse any variable that names no key and say where each value came from.
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _discovery_off_on_the_embedded_broker(self) -> Settings:
+        # Home Assistant cannot reach a broker on 127.0.0.1, so discovery there only fills the broker with
+        # retained configs nobody reads. An explicit homeassistant.enabled (file or environment) still wins.
+        ha = self.homeassistant
+        if self.embedded_broker and "enabled" not in ha.model_fields_set:
+            ha.enabled = False
+            ha.model_fields_set.discard("enabled")  # still the default: discovery_defaulted_off says why
+        return self
+
+    @property
+    def discovery_defaulted_off(self) -> bool:
+        """Discovery is off only because the broker is the embedded one (nothing set it explicitly)."""
+        ha = self.homeassistant
+        return self.embedded_broker and not ha.enabled and "enabled" not in ha.model_fields_set
 
     @property
     def source_file(self) -> Path | None:
@@ -271,40 +343,143 @@ def _suggest(section_model: type[BaseModel] | None, key: str) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-_SECTIONS: dict[str, type[BaseModel]] = {
-    "mqtt": MqttSettings,
-    "runtime": RuntimeSettings,
-    "limits": LimitsSettings,
-    "homeassistant": HomeAssistantSettings,
-    "cluster": ClusterSettings,
-    "daemon": DaemonSettings,
-    "logging": LoggingSettings,
-}
+def _sections() -> dict[str, type[BaseModel]]:
+    """Every section of the settings and its model, read from ``Settings`` so a new section is known at once."""
+    sections: dict[str, type[BaseModel]] = {}
+    for name, info in Settings.model_fields.items():
+        if isinstance(info.annotation, type) and issubclass(info.annotation, BaseModel):
+            sections[name] = info.annotation
+    return sections
 
 
-def _describe(error: Any, file_data: dict[str, Any], path: Path | None) -> str:
+def _mentions(annotation: Any, wanted: type) -> bool:
+    if annotation is wanted:
+        return True
+    return any(_mentions(arg, wanted) for arg in typing.get_args(annotation))
+
+
+def _json_form(annotation: Any) -> str | None:
+    """How a value of this type is written in an environment variable, when it is JSON (lists, tables)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        forms = [_json_form(arg) for arg in typing.get_args(annotation) if arg is not type(None)]
+        return next((form for form in forms if form), None)
+    if origin in (list, tuple, set, frozenset):
+        args = typing.get_args(annotation)
+        if args and isinstance(args[0], type) and issubclass(args[0], BaseModel):
+            return 'a JSON array of objects, for example \'[{"path": "/models/a.rkllm", "name": "a"}]\''
+        return 'a JSON array, for example \'["rkllm/reply", "nodered/rkllm"]\''
+    if origin is dict or (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        return 'a JSON object, for example \'{"key": "value"}\''
+    return None
+
+
+def _env_name(section: str, key: str) -> str:
+    return f"{ENV_PREFIX}{section.upper()}__{key.upper()}"
+
+
+def _secret_keys() -> set[tuple[str, str]]:
+    return {
+        (section, key)
+        for section, model in _sections().items()
+        for key, info in model.model_fields.items()
+        if _mentions(info.annotation, SecretStr)
+    }
+
+
+@dataclass(frozen=True)
+class EnvOverrides:
+    """The ``RKLLM_MQTT_<SECTION>__<KEY>`` variables of an environment, as settings data."""
+
+    data: dict[str, dict[str, Any]]
+    origins: dict[tuple[str, str], str]  # (section, key) -> the variable that set it
+
+
+def env_overrides(environ: Mapping[str, str]) -> EnvOverrides:
+    """Read every variable whose name starts with ``RKLLM_MQTT_``; raise ConfigError for any that names no key.
+
+    Names are matched without regard to case. Lists and tables are JSON; anything else is passed on as text and
+    validated (and converted) with the rest of the settings.
+    """
+    valid = {
+        _env_name(section, key): (section, key) for section, model in _sections().items() for key in model.model_fields
+    }
+    data: dict[str, dict[str, Any]] = {}
+    origins: dict[tuple[str, str], str] = {}
+    problems: list[str] = []
+    for name in sorted(environ):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        target = valid.get(name.upper())
+        if target is None:
+            close = difflib.get_close_matches(name.upper(), list(valid), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            problems.append(
+                f"unknown environment variable {name}{hint}; variables are named {ENV_PREFIX}<SECTION>__<KEY>, "
+                "with two underscores between section and key"
+            )
+            continue
+        section, key = target
+        value: Any = environ[name]
+        form = _json_form(_sections()[section].model_fields[key].annotation)
+        if form is not None:
+            try:
+                value = json.loads(value)
+            except ValueError:
+                problems.append(f"{name} ({section}.{key}) cannot be parsed: expected {form}")
+                continue
+        data.setdefault(section, {})[key] = value
+        origins[(section, key)] = name
+    if problems:
+        raise ConfigError("invalid configuration: " + "; ".join(problems))
+    return EnvOverrides(data, origins)
+
+
+def _merge(file_data: dict[str, Any], env: EnvOverrides) -> dict[str, Any]:
+    merged = dict(file_data)
+    for section, values in env.data.items():
+        from_file = merged.get(section)
+        merged[section] = {**from_file, **values} if isinstance(from_file, dict) else dict(values)
+    return merged
+
+
+def _describe(error: Any, path: Path | None, env: EnvOverrides) -> str:
     loc = [str(part) for part in error["loc"]]
     key = ".".join(loc) or "(top level)"
     section = loc[0] if loc else ""
-    in_file = path is not None and section in file_data and (len(loc) < 2 or loc[1] in file_data[section])
-    if in_file:
+    variable = env.origins.get((loc[0], loc[1])) if len(loc) >= 2 else None
+    if variable is not None:
+        origin = f"from the environment ({variable})"
+    elif path is not None:
         origin = f"in {path}"
     else:
-        env_name = ENV_PREFIX + "__".join(part.upper() for part in loc[:2])
-        origin = f"from the environment ({env_name})" if path is None else f"in {path} or {env_name}"
+        origin = "(a default)"
     if error["type"] == "extra_forbidden":
         if len(loc) == 1:
             hint = _suggest(Settings, loc[0])
             return f"unknown section or key '{key}' {origin}{hint}"
-        hint = _suggest(_SECTIONS.get(section), loc[-1])
+        hint = _suggest(_sections().get(section), loc[-1])
         return f"unknown key '{key}' {origin}{hint}"
-    return f"{key}: {error['msg']} {origin} (got {error.get('input')!r})"
+    if variable is not None:
+        message = f"{variable} ({key}): {error['msg']}"
+        form = _json_form(_sections()[loc[0]].model_fields[loc[1]].annotation)
+        if form is not None:
+            message += f"; expected {form}"
+    else:
+        message = f"{key}: {error['msg']} {origin}"
+    if len(loc) >= 2 and (loc[0], loc[1]) in _secret_keys():
+        # Never echo a secret, whatever its type: this message ends up in the journal.
+        return f"{message} (value not shown: it is a secret)"
+    return f"{message} (got {error.get('input')!r})"
 
 
-def load_settings(path: Path | None = None, *, required: bool = False) -> Settings:
+def load_settings(
+    path: Path | None = None, *, required: bool = False, environ: Mapping[str, str] | None = None
+) -> Settings:
     """Load the settings from ``path`` (or the default file when it exists) and the environment.
 
-    ``required`` makes a missing file an error; the default file may be absent (zero configuration).
+    ``required`` makes a missing file an error; the default file may be absent (zero configuration). A password
+    file that cannot be read is a configuration error here, so every command stops on it the same way.
     """
     file_path = path
     if file_path is None and DEFAULT_CONFIG_PATH.exists():
@@ -315,10 +490,12 @@ def load_settings(path: Path | None = None, *, required: bool = False) -> Settin
             file_path = None
         else:
             file_data = _read_toml(file_path)
+    env = env_overrides(os.environ if environ is None else environ)
     try:
-        settings = Settings(**file_data)
+        settings = Settings(**_merge(file_data, env))
     except ValidationError as exc:
-        problems = "; ".join(_describe(err, file_data, file_path) for err in exc.errors())
+        problems = "; ".join(_describe(err, file_path, env) for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}") from exc
     settings._source_file = file_path
+    settings.mqtt.resolved_password()  # ConfigError naming the file and the reason
     return settings

@@ -8,15 +8,19 @@ from pathlib import Path
 
 import pytest
 
+from rkllm_mqtt.doctor import check_abi
 from rkllm_mqtt.errors import AbiError, RuntimeLoadError
 from rkllm_mqtt.runtime.abi import (
+    RUNTIMES_OF_LAYOUT,
     AbiDecision,
+    abi_choice_hint,
     abi_for_version,
     decide_abi,
     read_runtime_version,
     resolve_library,
     sim_library_path,
 )
+from rkllm_mqtt.settings import Settings
 
 
 def fake_library(tmp_path: Path, *versions: str, padding: int = 4096, name: str = "librkllmrt.so") -> Path:
@@ -57,9 +61,70 @@ def test_newer_unknown_versions_are_refused_asking_for_runtime_abi(tmp_path: Pat
 def test_no_version_string_is_refused_naming_runtime_abi(tmp_path: Path) -> None:
     lib = fake_library(tmp_path)
     assert read_runtime_version(lib) is None
-    with pytest.raises(AbiError, match=r'runtime\.abi to "1\.2".*"1\.3"') as info:
+    with pytest.raises(AbiError, match=r'runtime\.abi .*to "1\.2".*"1\.3"') as info:
         decide_abi(lib, "auto")
     assert str(lib) in str(info.value)
+
+
+def format_string_library(tmp_path: Path) -> Path:
+    """What a real runtime most likely holds: its init line as a printf format, the version filled in at run time."""
+    lib = tmp_path / "librkllmrt.so"
+    text = b"rkllm-runtime version: %s, rknpu driver version: %s, platform: %s\n"
+    lib.write_bytes(os.urandom(4096) + b"\x00I rkllm: " + text + b"\x00" + os.urandom(4096))
+    return lib
+
+
+def test_a_format_string_is_no_version_and_the_refusal_says_what_to_do(tmp_path: Path) -> None:
+    lib = format_string_library(tmp_path)
+    assert read_runtime_version(lib) is None
+    with pytest.raises(AbiError) as info:
+        decide_abi(lib, "auto")
+    message = str(info.value)
+    assert message.startswith(f"cannot tell the ABI layout of {lib}")
+    # Exactly which value for which runtime...
+    assert '"1.2" for runtime 1.2.1, 1.2.2 or 1.2.3' in message
+    assert '"1.3" for runtime 1.3.x' in message
+    # ...and every way to learn the version: the release, the runtime's own init line, the file itself.
+    assert "airockchip/rknn-llm release" in message
+    assert "journalctl -u rkllm-mqtt | grep 'rkllm-runtime version'" in message
+    assert f"strings -a {lib} | grep -i version" in message
+    assert message.endswith(abi_choice_hint(lib))
+
+
+@pytest.mark.parametrize(("abi", "runtimes"), list(RUNTIMES_OF_LAYOUT.items()))
+def test_the_hint_names_each_runtime_with_the_layout_auto_would_pick(abi: str, runtimes: str) -> None:
+    versions = re.findall(r"\d+\.\d+\.[\dx]+", runtimes)
+    assert versions, runtimes
+    for version in versions:
+        assert abi_for_version(version.replace("x", "0")) == abi
+    assert f'"{abi}" for runtime {runtimes}' in abi_choice_hint()
+
+
+def test_unreadable_version_points_to_the_same_hint() -> None:
+    with pytest.raises(AbiError) as info:
+        abi_for_version("banana")
+    assert "'banana'" in str(info.value)
+    assert abi_choice_hint() in str(info.value)
+
+
+def test_doctor_gives_the_hint_its_own_line_once(tmp_path: Path) -> None:
+    lib = format_string_library(tmp_path)
+    result = check_abi(Settings(runtime={"library": str(lib), "model_path": str(tmp_path / "m.rkllm")}))
+    assert result.status == "FAIL"
+    assert result.hint == abi_choice_hint(lib)
+    assert result.detail.startswith(f"cannot tell the ABI layout of {lib}")
+    assert "journalctl" not in result.detail, "the hint is shown once, on its own line"
+    rendered = result.render()
+    assert rendered.count("journalctl") == 1
+    assert '      hint: Set runtime.abi (section [runtime] of the configuration) to "1.2"' in rendered
+
+
+def test_doctor_on_a_contradiction_keeps_the_reason_and_adds_the_hint() -> None:
+    result = check_abi(Settings(runtime={"library": str(sim_library_path("1.3")), "abi": "1.2", "model_path": "/m"}))
+    assert result.status == "FAIL"
+    assert 'runtime.abi = "1.2" is set' in result.detail
+    assert "1.3.0" in result.detail
+    assert result.hint is not None and '"1.3" for runtime 1.3.x' in result.hint
 
 
 def test_two_different_versions_are_no_evidence(tmp_path: Path) -> None:

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 
+from rkllm_mqtt import exit_codes
 from rkllm_mqtt.broker import EmbeddedBroker
 
 from .harness import Daemon, Mosquitto, Probe, mosquitto_binary, wait_ready
+from .helpers import free_port
 
 
 def run_ask(port: int, node: str, *args: str, protocol: str = "3.1.1") -> subprocess.CompletedProcess[str]:
@@ -43,6 +45,13 @@ def test_ask_streams_the_answer_and_exits_zero(amqtt_broker: EmbeddedBroker, dae
     assert result.stdout.startswith("[turn 1] You said: What is an NPU?.")
 
 
+def test_ask_falls_back_to_311_as_the_daemon_does(amqtt_broker: EmbeddedBroker, daemon: Daemon) -> None:
+    # protocol "auto" against amqtt (3.1.1 only), reached as an external broker: MQTT 5 first, then 3.1.1.
+    result = run_ask(amqtt_broker.port, daemon.node, "auto?", protocol="auto")
+    assert result.returncode == 0, result.stderr
+    assert "You said: auto?." in result.stdout
+
+
 def test_ask_json_prints_the_final_response(amqtt_broker: EmbeddedBroker, daemon: Daemon) -> None:
     result = run_ask(amqtt_broker.port, daemon.node, "--json", "--max-new-tokens", "3", "Hi")
     assert result.returncode == 0, result.stderr
@@ -53,14 +62,71 @@ def test_ask_json_prints_the_final_response(amqtt_broker: EmbeddedBroker, daemon
 
 def test_ask_reports_an_error_and_exits_non_zero(amqtt_broker: EmbeddedBroker, daemon: Daemon) -> None:
     result = run_ask(amqtt_broker.port, daemon.node, "x" * 20000)
-    assert result.returncode == 1
+    assert result.returncode == exit_codes.REQUEST_FAILED
     assert "prompt_too_long" in result.stderr
 
 
-def test_ask_without_a_bridge_says_so(amqtt_broker: EmbeddedBroker) -> None:
-    result = run_ask(amqtt_broker.port, "nobody-home", "--timeout", "0.5", "anyone?")
-    assert result.returncode == 2
-    assert "no answer" in result.stderr
+def test_ask_names_an_unknown_node_and_the_nodes_it_can_see(amqtt_broker: EmbeddedBroker, daemon: Daemon) -> None:
+    # No --timeout: the default is 300 s, and the answer must come from the missing availability, not a timeout.
+    result = run_ask(amqtt_broker.port, "nobody-home", "anyone?")
+    assert result.returncode == exit_codes.NODE_OFFLINE, result.stderr
+    assert "node 'nobody-home' is unknown" in result.stderr
+    assert "rkllm/nobody-home/availability" in result.stderr
+    assert f"{daemon.node} (online)" in result.stderr
+
+
+def test_ask_says_at_once_that_the_node_is_offline(amqtt_broker: EmbeddedBroker, tmp_path: Path) -> None:
+    probe = Probe(amqtt_broker.port).start()
+    stopped = Daemon(tmp_path, amqtt_broker.port).start()
+    try:
+        wait_ready(probe, stopped)
+        assert stopped.stop() == 0
+        probe.wait_for(lambda msgs: any(m.payload == b"offline" for m in msgs))
+    finally:
+        probe.stop()
+    result = run_ask(amqtt_broker.port, stopped.node, "hello?")
+    assert result.returncode == exit_codes.NODE_OFFLINE, result.stderr
+    assert f"node '{stopped.node}' is offline ({stopped.root}/availability)" in result.stderr
+
+
+def test_ask_stops_waiting_when_the_node_goes_offline(amqtt_broker: EmbeddedBroker, tmp_path: Path) -> None:
+    probe = Probe(amqtt_broker.port).start()
+    slow = Daemon(tmp_path, amqtt_broker.port, runtime={"model_path": "sim:rate=2,prefill_ms=0,tokens=1000"}).start()
+    try:
+        wait_ready(probe, slow)
+        probe.subscribe(f"{slow.root}/state")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RKLLM_MQTT_")}
+        env["RKLLM_MQTT_MQTT__PROTOCOL"] = "3.1.1"
+        command = [sys.executable, "-m", "rkllm_mqtt", "ask", "--port", str(amqtt_broker.port), "--node", slow.node]
+        asker = subprocess.Popen([*command, "long"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        probe.wait_json(f"{slow.root}/state", lambda s: s.get("status") == "busy")
+        assert slow.proc is not None
+        slow.proc.kill()  # the broker publishes the bridge's Last Will: availability offline
+        _out, err = asker.communicate(timeout=60)
+    finally:
+        slow.stop()
+        probe.stop()
+    assert asker.returncode == exit_codes.NODE_OFFLINE, err
+    assert "went offline before answering" in err
+
+
+def test_ask_timeout_is_the_whole_wait(amqtt_broker: EmbeddedBroker) -> None:
+    # A node that says online but never answers: --timeout bounds the wait, and the message says so.
+    node = "silent-node"
+    probe = Probe(amqtt_broker.port).start()
+    try:
+        probe.publish(f"rkllm/{node}/availability", b"online", retain=True)
+        result = run_ask(amqtt_broker.port, node, "--timeout", "0.5", "anyone?")
+    finally:
+        probe.stop()
+    assert result.returncode == exit_codes.NO_ANSWER, result.stderr
+    assert "no answer within 0.5 s" in result.stderr
+
+
+def test_ask_cannot_reach_the_broker() -> None:
+    result = run_ask(free_port(), "any", "hello?")
+    assert result.returncode == exit_codes.BROKER_UNREACHABLE
+    assert "not reachable" in result.stderr
 
 
 @pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
+
+from rkllm_mqtt.bridge.transport import RECONNECT_MIN_S
 
 from .harness import Daemon, Mosquitto, Probe, mosquitto_binary, wait_ready
 
@@ -31,20 +35,35 @@ def test_password_file_logs_in_and_serves(tmp_path: Path) -> None:
         broker.stop()
 
 
+def refused_attempts(daemon: Daemon) -> list[datetime]:
+    """When the daemon logged each refused login, in order."""
+    return [
+        datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
+        for e in daemon.logs()
+        # The daemon's second connection (abort/clear, "-ctl") retries on its own schedule.
+        if e.get("event") == "mqtt_connect_refused" and not str(e.get("client_id", "")).endswith("-ctl")
+    ]
+
+
 def test_refused_login_is_retried_with_backoff(tmp_path: Path) -> None:
     broker = Mosquitto(tmp_path, users={"bridge": "right"})
     broker.start()
     daemon = Daemon(tmp_path, broker.port, mqtt={"username": "bridge", "password": "wrong"}).start()
     try:
-        time.sleep(8.0)
+        # Wait for the attempts themselves, however long a slow machine takes to make them.
+        deadline = time.monotonic() + 300
+        while len(refused_attempts(daemon)) < 3 and time.monotonic() < deadline:
+            assert daemon.proc is not None and daemon.proc.poll() is None, "a refused login must not stop the daemon"
+            time.sleep(0.1)
+        attempts = refused_attempts(daemon)
+        assert len(attempts) >= 3, f"only {len(attempts)} refused logins were logged"
         assert daemon.proc is not None and daemon.proc.poll() is None, "a refused login must not stop the daemon"
-        refused = [
-            e
-            for e in daemon.logs()
-            # The daemon's second connection (abort/clear, "-ctl") retries on its own schedule.
-            if e.get("event") == "mqtt_connect_refused" and not str(e.get("client_id", "")).endswith("-ctl")
-        ]
-        assert 2 <= len(refused) <= 5, f"{len(refused)} attempts in 8 s: expected a growing backoff from 1 s"
+        # Only lower bounds: a slower machine makes the gaps longer, never shorter. The backoff starts at
+        # RECONNECT_MIN_S and doubles, so a tight loop (or a fixed delay) fails the second bound.
+        gaps = [(later - earlier).total_seconds() for earlier, later in itertools.pairwise(attempts[:3])]
+        assert gaps[0] >= 0.9 * RECONNECT_MIN_S, f"retried after {gaps[0]:.2f} s, before the first backoff"
+        assert gaps[1] >= 1.9 * RECONNECT_MIN_S, f"second retry after {gaps[1]:.2f} s: the backoff did not grow"
+        refused = [e for e in daemon.logs() if e.get("event") == "mqtt_connect_refused"]
         assert "password" in refused[0]["hint"]
     finally:
         assert daemon.stop() == 0

@@ -6,7 +6,10 @@ Everything runs in-process, except the hang and crash faults, which run in a chi
 from __future__ import annotations
 
 import codecs
+import contextlib
+import os
 import re
+import struct
 import subprocess
 import sys
 import textwrap
@@ -30,6 +33,8 @@ from rkllm_mqtt.runtime.binding import (
     RkllmBinding,
     Sampling,
 )
+from rkllm_mqtt.runtime.protocol import EventKind
+from rkllm_mqtt.runtime.relay import Relay
 
 FAST = "rate=0,prefill_ms=0"
 
@@ -580,3 +585,63 @@ def test_hang_at_blocks_forever_even_after_abort(abi: str) -> None:
         proc.kill()
         rest, _ = proc.communicate()
     assert "returned" not in rest
+
+
+# -- the C token relay the worker uses --
+
+
+def read_frames(fd: int) -> list[tuple[int, bytes]]:
+    """Every frame waiting in the pipe (non-blocking)."""
+    os.set_blocking(fd, False)
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    frames = []
+    while data:
+        kind, length = struct.unpack("!BI", data[:5])
+        frames.append((kind, data[5 : 5 + length]))
+        data = data[5 + length :]
+    return frames
+
+
+@pytest.fixture
+def relay_pipe() -> Iterator[tuple[Relay, int]]:
+    read_fd, write_fd = os.pipe()
+    relay = Relay.load(write_fd)
+    assert relay is not None, "the package's install builds the relay next to the simulated runtime"
+    yield relay, read_fd
+    os.close(read_fd)
+    os.close(write_fd)
+
+
+def test_the_relay_writes_token_frames_and_hands_on_the_rest(
+    binding: RkllmBinding, relay_pipe: tuple[Relay, int]
+) -> None:
+    relay, read_fd = relay_pipe
+    out = Collector()
+    binding.init(InitParams(model_path=f"sim:tokens=30,{FAST},lang=mixed,split_utf8=1"), out, relay=relay)
+    relay.begin_run(0)
+    binding.run("你好", keep_history=False)
+    frames = read_frames(read_fd)
+    assert {kind for kind, _ in frames} == {EventKind.CHUNK}
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    text = "".join(decoder.decode(payload) for _, payload in frames) + decoder.decode(b"", final=True)
+    assert text.startswith("[turn 1] You said: 你好. ")
+    assert "\ufffd" not in text  # characters split across callbacks arrive whole
+    assert out.states() == [STATE_FINISH]  # only what is not token text reaches Python
+    perf = out.events[-1][2]
+    assert perf is not None and perf.generate_tokens == 30
+
+
+def test_the_relay_enforces_a_token_cap_once(binding: RkllmBinding, relay_pipe: tuple[Relay, int]) -> None:
+    relay, read_fd = relay_pipe
+    binding.init(InitParams(model_path=f"sim:tokens=20,{FAST}"), Collector(), relay=relay)
+    relay.begin_run(5)
+    binding.run("x", keep_history=False)
+    kinds = [kind for kind, _ in read_frames(read_fd)]
+    assert kinds == [EventKind.CHUNK] * 5 + [EventKind.CAP_REACHED]
+    assert relay.tokens() == 5
+    relay.begin_run(0)  # the next run starts afresh
+    binding.run("y", keep_history=False)
+    assert [kind for kind, _ in read_frames(read_fd)] == [EventKind.CHUNK] * 20

@@ -42,12 +42,12 @@ def launch(daemons: list[Daemon], tmp_path: Path, port: int, probe: Probe, **sec
 
 
 def finals(probe: Probe, daemon: Daemon) -> dict[str, list[dict[str, Any]]]:
-    """Final responses on the default topics, by id."""
+    """Final responses on the default topics, by id (not the empty messages that clear retained finals)."""
     out: dict[str, list[dict[str, Any]]] = {}
     prefix = f"{daemon.root}/response/"
     for message in probe.messages:
         rest = message.topic[len(prefix) :] if message.topic.startswith(prefix) else None
-        if rest and "/" not in rest:
+        if rest and "/" not in rest and message.payload:
             out.setdefault(rest, []).append(message.json())
     return out
 

@@ -43,26 +43,27 @@ def test_busy_node_hands_group_requests_to_an_idle_peer(tmp_path: Path) -> None:
     mqtt = {"protocol": "5", "base_topic": base}
     limits = {"response_topic_prefixes": [f"{base}/reply"]}
     idle = Daemon(tmp_path, broker.port, mqtt=mqtt, cluster=cluster, limits=limits)
+    # The hog runs until the daemon stops, so the busy node stays busy however slowly the rest of the test goes.
     busy = Daemon(
         tmp_path,
         broker.port,
         mqtt=mqtt,
         cluster=cluster,
         limits=limits,
-        runtime={"model_path": "sim:rate=20,prefill_ms=0,tokens=400"},
+        runtime={"model_path": "sim:rate=20,prefill_ms=0,tokens=1000000"},
     )
     try:
         for daemon in (idle, busy):
             daemon.start()
         for daemon in (idle, busy):
             probe.subscribe(f"{base}/{daemon.node}/health", f"{base}/{daemon.node}/availability")
-            probe.wait_json(f"{base}/{daemon.node}/health", lambda h: h.get("runtime") == "ready")
+            probe.wait_json(f"{base}/{daemon.node}/health", lambda h: h.get("runtime") == "ready", timeout=120)
         reply = f"{base}/reply/{unique_topic('client')}"
         probe.subscribe(f"{reply}/#", reply)
         probe.publish(
             f"{base}/{busy.node}/prompt", json.dumps({"id": "hog", "prompt": "long", "response_topic": reply})
         )
-        probe.wait_json(f"{reply}/status", lambda s: s["id"] == "hog" and s["status"] == "started")
+        probe.wait_json(f"{reply}/status", lambda s: s["id"] == "hog" and s["status"] == "started", timeout=120)
         # Barrier: the busy node hears the idle node's state before any group request the probe sends after
         # seeing it (the broker delivers to it in the order it received them).
         idle_state = f"{base}/{idle.node}/state"
@@ -75,10 +76,12 @@ def test_busy_node_hands_group_requests_to_an_idle_peer(tmp_path: Path) -> None:
                 f"{base}/prompt",
                 json.dumps({"id": request_id, "prompt": "hi", "max_new_tokens": 4, "response_topic": reply}),
             )
-            final = probe.wait_json(reply, lambda r, rid=request_id: r["id"] == rid)
+            final = probe.wait_json(reply, lambda r, rid=request_id: r["id"] == rid, timeout=120)
             assert final["state"] == "done"
             served.append(final["node"])
-            probe.wait_json(idle_state, lambda s, n=i + 1: s["status"] == "idle" and s["requests_total"] == n)
+            probe.wait_json(
+                idle_state, lambda s, n=i + 1: s["status"] == "idle" and s["requests_total"] == n, timeout=120
+            )
         assert served == [idle.node] * 4
         handed = [e for e in busy.logs() if e.get("event") == "request_handed_off"]
         assert handed and all(e["peer"] == idle.node for e in handed)

@@ -61,7 +61,7 @@ EXPECTED_ENTITIES = {
 
 def make_settings(**homeassistant: Any) -> Settings:
     return Settings(
-        mqtt={"base_topic": BASE, "node_id": NODE},
+        mqtt={"host": "broker.lan", "base_topic": BASE, "node_id": NODE},
         homeassistant={"discovery_prefix": PREFIX, **homeassistant},
     )
 

@@ -23,9 +23,11 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from rkllm_mqtt import doctor as d
+from rkllm_mqtt import exit_codes
 from rkllm_mqtt.broker import EmbeddedBroker
 from rkllm_mqtt.settings import Settings
 
+from .harness import Mosquitto, Probe, mosquitto_binary
 from .helpers import free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -137,7 +139,7 @@ model_path = "{model}"
 """,
     )
     result = run_doctor(config)
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == exit_codes.CHECK_FAILED, result.stdout + result.stderr
     library = line(result.stdout, "runtime library")
     assert library.startswith("FAIL")
     assert str(missing) in library
@@ -153,7 +155,7 @@ def test_doctor_fails_when_no_broker_listens(tmp_path: Path) -> None:
     port = free_port()
     config = write_config(tmp_path, f'[mqtt]\nhost = "127.0.0.1"\nport = {port}\n')
     result = run_doctor(config)
-    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.returncode == exit_codes.CHECK_FAILED, result.stdout + result.stderr
     broker_line = line(result.stdout, "broker")
     assert broker_line.startswith("FAIL")
     assert f"127.0.0.1:{port}" in broker_line and "not reachable" in broker_line
@@ -332,7 +334,17 @@ def test_unreadable_driver_version_warns_where_it_looked(tmp_path: Path) -> None
     result = d.check_npu_driver(board_settings(tmp_path), paths)
     assert result.status == "WARN"
     assert "debug/rknpu/version" in result.detail
-    assert result.hint is not None and "root" in result.hint
+    assert result.hint is not None
+    if os.geteuid() == 0:  # root already: the hint must not say "run as root"
+        assert "run as root" not in result.hint and "mount -t debugfs" in result.hint
+    else:
+        assert "run as root" in result.hint
+
+
+def test_no_driver_at_all_gives_no_root_hint(tmp_path: Path) -> None:
+    result = d.check_npu_driver(board_settings(tmp_path), fake_tree(tmp_path))
+    assert result.status == "WARN"
+    assert result.hint is not None and "root" not in result.hint and "no rknpu driver is loaded" in result.hint
 
 
 # -- library and model --------------------------------------------------------------------------
@@ -382,10 +394,59 @@ def test_model_checks(tmp_path: Path) -> None:
 # -- broker ---------------------------------------------------------------------------------------
 
 
-def test_embedded_broker_port_taken_by_a_broker(broker: EmbeddedBroker) -> None:
-    result = d.check_broker(Settings(mqtt={"port": broker.port}))
+def test_embedded_broker_port_taken_by_another_broker(tmp_path: Path) -> None:
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed")
+    other = Mosquitto(tmp_path)
+    other.start()
+    try:
+        result = d.check_broker(Settings(mqtt={"port": other.port}))
+    finally:
+        other.stop()
     assert result.status == "WARN"
-    assert "already runs" in result.detail
+    assert "an MQTT broker (mosquitto version" in result.detail and "already runs" in result.detail
+    assert result.hint is not None and 'mqtt.host = "127.0.0.1"' in result.hint
+
+
+def test_embedded_broker_of_another_serve_is_named(broker: EmbeddedBroker) -> None:
+    result = d.check_broker(Settings(mqtt={"port": broker.port, "node_id": "elsewhere"}))
+    assert result.status == "WARN"
+    assert "the embedded broker of another rkllm-mqtt serve" in result.detail
+    assert result.hint is not None and "mqtt.host" not in result.hint
+
+
+def test_the_running_daemons_own_embedded_broker_is_recognised(tmp_path: Path) -> None:
+    port = free_port()
+    node = f"own-{uuid.uuid4().hex[:8]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RKLLM_MQTT_")}
+    env.update(RKLLM_MQTT_MQTT__PORT=str(port), RKLLM_MQTT_MQTT__NODE_ID=node, RKLLM_MQTT_LOGGING__FORMAT="json")
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "rkllm_mqtt", "serve"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        probe = Probe(_wait_listening(port)).start()
+        probe.subscribe(f"rkllm/{node}/availability")
+        probe.wait_for(lambda msgs: any(m.payload == b"online" for m in msgs))
+        probe.stop()
+        settings = Settings(mqtt={"port": port, "node_id": node})
+        result = d.check_broker(settings)
+        home = d.check_homeassistant(settings)
+    finally:
+        serve.terminate()
+        serve.wait(30)
+    assert result.status == "PASS", result.render()
+    assert f"the embedded broker of the rkllm-mqtt serve already running for node {node}" in result.detail
+    assert home.status == "SKIP" and "127.0.0.1" in home.detail
+
+
+def _wait_listening(port: int) -> int:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        with socket.socket() as attempt:
+            if attempt.connect_ex(("127.0.0.1", port)) == 0:
+                return port
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listens on {port}")
 
 
 def test_embedded_broker_port_free() -> None:

@@ -416,6 +416,27 @@ def test_a_job_started_while_the_runtime_loads_waits_for_it(scheduler: Scheduler
     assert reporter.wait().error_code is None
 
 
+def test_waiting_for_the_runtime_does_not_count_against_the_run_on_the_watchdog(runtime: FakeRuntime) -> None:
+    clock = Clock()
+    sched = Scheduler(runtime, queue_size=2, hang_grace_s=1.0, clock=clock)
+    sched.start()
+    try:
+        runtime.status = "loading"
+        job, reporter = make_job(timeout_s=100.0)
+        submit(sched, job)
+        assert runtime.settling.wait(WAIT_S)
+        clock.now += 90.0  # the runtime took 90 s to load
+        runtime.status = "ready"
+        runtime.settled.set()
+        run = runtime.next_run(1)
+        assert sched.healthy(clock.now + 150.0)  # 90 s of waiting are not part of the run's bound
+        assert not sched.healthy(clock.now + 162.0)
+        run.finish()
+        reporter.wait()
+    finally:
+        sched.shutdown(grace_s=WAIT_S)
+
+
 def test_an_abort_while_the_runtime_loads_never_reaches_it(scheduler: Scheduler, runtime: FakeRuntime) -> None:
     runtime.status = "restarting"
     job, reporter = make_job()

@@ -21,7 +21,7 @@ def path_socket(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
     path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(path))
-    sock.settimeout(2.0)
+    sock.settimeout(60.0)  # a safety net only: every datagram is sent before it is read
     try:
         yield str(path), sock
     finally:
@@ -33,7 +33,7 @@ def abstract_socket() -> Iterator[tuple[str, socket.socket]]:
     name = f"rkllm-mqtt-test-{uuid.uuid4().hex}"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(b"\0" + name.encode())
-    sock.settimeout(2.0)
+    sock.settimeout(60.0)  # a safety net only: every datagram is sent before it is read
     try:
         yield "@" + name, sock
     finally:

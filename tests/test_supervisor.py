@@ -533,3 +533,22 @@ def test_a_runtime_that_agrees_with_the_layout_at_init_runs(abi: str, claimed: s
         assert result.finish_reason == "stop"
     finally:
         supervisor.stop()
+
+
+class FailingSink(CollectingSink):
+    def text(self, chunk: str) -> None:
+        super().text(chunk)
+        if len(self.chunks) == 3:
+            raise RuntimeError("the sink broke")
+
+
+@pytest.mark.parametrize(
+    "runtime", [(abi, "sim:rate=200,prefill_ms=0,tokens=500") for abi in ABIS], indirect=True, ids=ABIS
+)
+def test_a_failing_sink_ends_the_run_before_the_next_one(runtime: RuntimeSupervisor) -> None:
+    with pytest.raises(RuntimeError, match="the sink broke"):
+        runtime.generate(GenerationRequest(prompt="first", timeout_s=60, session="s"), FailingSink(), CancelToken())
+    result, sink = ask(runtime, "next", max_new_tokens=6)
+    assert result.finish_reason == "length"
+    assert result.text.startswith("[turn 1] You said: next.")  # nothing of the first run, a cleared cache
+    assert "".join(sink.chunks) == result.text

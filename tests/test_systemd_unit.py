@@ -58,7 +58,7 @@ def test_unit_verifies(tmp_path: Path) -> None:
     assert ANALYZE is not None
     unit = unit_with_stand_in(tmp_path)
     result = subprocess.run(
-        [ANALYZE, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=60, check=False
+        [ANALYZE, "verify", "--man=no", str(unit)], capture_output=True, text=True, timeout=600, check=False
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
@@ -102,7 +102,7 @@ def test_security_exposure_is_reported(tmp_path: Path) -> None:
         [ANALYZE, "security", "--offline=true", "--no-pager", str(unit)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=600,
         check=False,
     )
     if "offline" in result.stderr and "Unknown option" in result.stderr:
@@ -120,7 +120,7 @@ def test_sysusers_creates_the_service_user(tmp_path: Path) -> None:
         ["systemd-sysusers", f"--root={root}", str(SYSUSERS)],
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=600,
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr

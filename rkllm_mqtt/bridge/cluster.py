@@ -54,7 +54,7 @@ class PeerTable:
             return False
         try:
             state = json.loads(payload) if payload else {}
-        except ValueError:
+        except (ValueError, RecursionError):  # anyone may publish a "state": deep nesting must not raise
             return True
         peer = self._peers.setdefault(node, _Peer())
         peer.idle = isinstance(state, dict) and state.get("status") == "idle" and not state.get("queue_depth")

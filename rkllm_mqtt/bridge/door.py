@@ -40,7 +40,16 @@ from rkllm_mqtt.bridge.ledger import SettledLedger
 from rkllm_mqtt.bridge.memory import release_free_memory
 from rkllm_mqtt.bridge.publisher import Publisher, Publishing
 from rkllm_mqtt.bridge.reporter import MqttJobReporter
-from rkllm_mqtt.bridge.requests import Rejection, Request, RequestRules, parse_request
+from rkllm_mqtt.bridge.requests import (
+    Rejection,
+    Request,
+    RequestRules,
+    parse_abort,
+    parse_clear,
+    parse_request,
+    reply_topic_problem,
+)
+from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.bridge.transport import IncomingMessage
 from rkllm_mqtt.core.jobs import GenerationRequest, Job, Refused
 from rkllm_mqtt.core.scheduler import RUNTIME_FAILURES, Scheduler
@@ -141,12 +150,7 @@ class MqttDoor:
         self.extensions = list(extensions)
         self.topics = Topics(settings.mqtt.base_topic, settings.mqtt.node_id)
         self.node = self.topics.node
-        self.rules = RequestRules(
-            max_prompt_bytes=settings.limits.max_prompt_bytes,
-            request_timeout_s=settings.limits.request_timeout_s,
-            reply_prefixes=tuple(settings.reply_prefixes()),
-            forbidden_roots=(settings.homeassistant.discovery_prefix, self.topics.root),
-        )
+        self.rules = RequestRules.from_settings(settings, self.topics.root)
         self.cluster = settings.cluster.enabled
         self.peers = PeerTable(self.topics)
         self.publisher: Publisher | None = None
@@ -170,9 +174,10 @@ class MqttDoor:
 
     # -- wiring -----------------------------------------------------------------------------------------
 
-    def attach(self, transport: Publishing, acks: Settling | None = None) -> None:
-        """Publish through ``transport``; acknowledge settled prompts through ``acks`` (the prompts' connection)."""
-        self.publisher = Publisher(transport, self.topics)
+    def attach(self, transport: Publishing, finals: RetainedFinals | None = None, acks: Settling | None = None) -> None:
+        """Publish through ``transport`` (finals retained a while through ``finals``); acknowledge settled prompts
+        through ``acks`` (the prompts' connection)."""
+        self.publisher = Publisher(transport, self.topics, finals)
         self._acks = acks
 
     def subscriptions(self) -> list[str]:
@@ -570,6 +575,8 @@ class MqttDoor:
         busy = self.scheduler.snapshot().busy or self.runtime.status != "ready"
         if not busy or message.retain:
             return False
+        if message.response_topic is not None and reply_topic_problem(message.response_topic, self.rules) is not None:
+            return False  # answered here with forbidden_topic; forwarding the property could cost the connection
         peer = self.peers.pick_idle()
         if peer is None:
             return False  # every node is busy: queue it here (or answer queue_full), nothing is lost
@@ -603,7 +610,10 @@ class MqttDoor:
         return True
 
     def _abort(self, payload: bytes) -> None:
-        request_id = payload.decode("utf-8", errors="replace").strip() or None
+        request_id = parse_abort(payload)
+        if isinstance(request_id, Rejection):
+            self._reject(request_id)
+            return
         outcome = self.scheduler.abort(request_id)
         if outcome == "not_found":
             assert self.publisher is not None
@@ -614,7 +624,11 @@ class MqttDoor:
             log.info("abort_ignored", reason="nothing is running")
 
     def _clear(self, payload: bytes) -> None:
-        self.scheduler.clear(payload.decode("utf-8", errors="replace").strip() or None)
+        session = parse_clear(payload)
+        if isinstance(session, Rejection):
+            self._reject(session)
+            return
+        self.scheduler.clear(session)
 
     # -- answers --------------------------------------------------------------------------------------------
 

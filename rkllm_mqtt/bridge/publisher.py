@@ -7,8 +7,10 @@ from typing import Protocol
 
 import structlog
 
+from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.payloads import (
     ErrorEvent,
+    ErrorInfo,
     FinalResponse,
     HealthPayload,
     ModelInfo,
@@ -48,9 +50,10 @@ class Publishing(Protocol):
 class Publisher:
     # QoS 1 throughout: paho keeps QoS 1 messages while disconnected and sends them after the
     # reconnect, so no chunk, status or final response is lost to a broker restart.
-    def __init__(self, transport: Publishing, topics: Topics) -> None:
+    def __init__(self, transport: Publishing, topics: Topics, finals: RetainedFinals | None = None) -> None:
         self.transport = transport
         self.topics = topics
+        self.finals = finals
 
     def congested(self) -> bool:
         """The broker is behind by MAX_BACKLOG messages: a stream should merge its text rather than queue more."""
@@ -85,7 +88,33 @@ class Publisher:
         """``on_acked`` runs once the broker has the final (the request is then settled); ``payload`` is the final
         already serialized (the bytes that were recorded before publishing)."""
         data = payload if payload is not None else response.to_json()
-        self.transport.publish(reply.final, data, qos=qos, correlation_data=correlation, on_acked=on_acked)
+        if self._send_final(reply.final, data, correlation, qos, on_acked) is not None:
+            return
+        # The transport refused it (and logged why): a final the broker would not take. The request is still
+        # answered, on its default topic, and without its text when the text is what made it too large.
+        default = self.topics.response(response.id)
+        if default != reply.final and self._send_final(default, data, None, qos, on_acked) is not None:
+            return
+        stripped = response.model_copy(
+            update={
+                "state": "error",
+                "text": "",
+                "finish_reason": "error",
+                "error": ErrorInfo(
+                    code="response_too_large",
+                    message=f"the response ({len(data)} bytes) is larger than the broker takes",
+                ),
+            }
+        )
+        if self._send_final(default, stripped.to_json(), None, qos, on_acked) is None and on_acked is not None:
+            on_acked()  # nothing the broker takes: the request is as settled as it can be
+
+    def _send_final(
+        self, topic: str, payload: bytes, correlation: bytes | None, qos: int, on_acked: Callable[[], None] | None
+    ) -> object:
+        if self.finals is not None and qos > 0:  # retained for a while, so a late subscriber still gets it
+            return self.finals.publish(topic, payload, correlation, on_acked=on_acked)
+        return self.transport.publish(topic, payload, qos=qos, correlation_data=correlation, on_acked=on_acked)
 
     def last(self, response: FinalResponse) -> None:
         self.transport.publish(self.topics.last, response.to_json(), qos=1, retain=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import socket
-import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -26,12 +25,14 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from rkllm_mqtt.bridge.acks import AckSequencer, Delivery
+from rkllm_mqtt.bridge.outgoing import publish_problem
+from rkllm_mqtt.errors import quote_input
+from rkllm_mqtt.mqtt_client import build_client
 from rkllm_mqtt.settings import MqttSettings
 
 log = structlog.get_logger(__name__)
@@ -126,6 +127,7 @@ class MqttTransport:
         self._client: mqtt.Client | None = None
         self._lock = threading.Lock()
         self._connected = threading.Event()
+        self._max_packet_bytes: int | None = None  # the broker's Maximum Packet Size (MQTT 5 CONNACK), if any
         self._ever_connected = False
         self._socket_opened = False
         self._fallback_timer: threading.Timer | None = None
@@ -139,6 +141,11 @@ class MqttTransport:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def expires_messages(self) -> bool:
+        """Connected with MQTT 5, where a publish can carry a Message Expiry Interval."""
+        return self.protocol == "5"
 
     @property
     def is_v5(self) -> bool:
@@ -174,27 +181,17 @@ class MqttTransport:
 
     def _build_client(self) -> mqtt.Client:
         s = self.settings
-        v5 = self.is_v5
-        client = _Client(
-            CallbackAPIVersion.VERSION2,
+        # Credentials and TLS exactly as ask and doctor use them (rkllm_mqtt.mqtt_client).
+        client = build_client(
+            s,
             client_id=self.client_id,
-            protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311,
-            clean_session=None if v5 else False,
-            manual_ack=self.manual_ack,
+            protocol="5" if self.is_v5 else "3.1.1",
+            persistent=True,
+            client_class=_Client,
         )
+        client.manual_ack_set(self.manual_ack)
         if self.availability_topic is not None:
             client.will_set(self.availability_topic, b"offline", qos=1, retain=True)
-        password = s.resolved_password()
-        if s.username is not None or password is not None:
-            client.username_pw_set(s.username, password.get_secret_value() if password else None)
-        if s.uses_tls:
-            context = ssl.create_default_context(cafile=str(s.tls_ca_file) if s.tls_ca_file else None)
-            if s.tls_cert_file is not None:
-                context.load_cert_chain(str(s.tls_cert_file), str(s.tls_key_file) if s.tls_key_file else None)
-            if s.tls_insecure:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            client.tls_set_context(context)
         client.loop_timeout_s = s.keepalive_s / 4
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.max_inflight_messages_set(MAX_INFLIGHT)
@@ -267,6 +264,7 @@ class MqttTransport:
             )
             return
         first = not self._ever_connected
+        self._max_packet_bytes = getattr(properties, "MaximumPacketSize", None)
         self._ever_connected = True
         if self.protocol == "auto":
             self.protocol = "5"
@@ -378,6 +376,17 @@ class MqttTransport:
         self._last_properties = (key, properties)
         return properties
 
+    @staticmethod
+    def _expiring_properties(correlation_data: bytes | None, response_topic: str | None, expiry_s: int) -> Properties:
+        """Properties of a message the broker drops after ``expiry_s`` (one per final response: not cached)."""
+        properties = Properties(PacketTypes.PUBLISH)
+        if correlation_data is not None:
+            properties.CorrelationData = correlation_data
+        if response_topic is not None:
+            properties.ResponseTopic = response_topic
+        properties.MessageExpiryInterval = expiry_s
+        return properties
+
     def publish(
         self,
         topic: str,
@@ -387,6 +396,7 @@ class MqttTransport:
         retain: bool = False,
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
+        expiry_s: int | None = None,
         on_acked: Callable[[], None] | None = None,
         handoff: str | None = None,
     ) -> mqtt.MQTTMessageInfo | None:
@@ -396,8 +406,25 @@ class MqttTransport:
         if client is None:
             log.error("mqtt_publish_before_start", topic=topic)
             return None
+        # The last gate: a message the broker refuses as malformed would stay in paho's session and close the
+        # connection again after every reconnect. It is dropped here instead, and the caller sees None.
+        problem = publish_problem(
+            topic,
+            payload,
+            qos=qos,
+            v5=self.protocol == "5",
+            correlation_data=correlation_data,
+            response_topic=response_topic,
+            max_packet_bytes=self._max_packet_bytes,
+            expires=bool(expiry_s),
+        )
+        if problem is not None:
+            log.error("mqtt_publish_refused", topic=quote_input(topic, 200), reason=problem)
+            return None
         properties = None
-        if (correlation_data is not None or response_topic is not None) and self.protocol == "5":
+        if self.protocol == "5" and expiry_s:
+            properties = self._expiring_properties(correlation_data, response_topic, expiry_s)
+        elif (correlation_data is not None or response_topic is not None) and self.protocol == "5":
             properties = self._properties(correlation_data, response_topic)
         if handoff is not None and self.protocol == "5":
             properties = Properties(PacketTypes.PUBLISH)  # not cached: one hand-off, one token

@@ -82,6 +82,9 @@ class GenerationRequest:
     enable_thinking: bool = False
     # The role of this turn (RKLLMInput.role): "user", or "tool" when feeding back a tool's result.
     role: str = "user"
+    # With a session: the whole conversation rendered as one user prompt, prefilled (role "user") instead of
+    # ``prompt`` when the KV cache no longer holds ``session`` (another request ran in between, a restart).
+    replay_prompt: str | None = None
 
 
 @dataclass

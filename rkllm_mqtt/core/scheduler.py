@@ -398,6 +398,8 @@ class Scheduler:
                 if remaining <= 0:
                     break
                 self.runtime.wait_settled(min(_SETTLE_SLICE_S, remaining))
+            with self._lock:  # the wait had its own bound; the watchdog's bound on the run starts now
+                self._current_started = self.clock()
         # A token cancelled by now, or a runtime changed since admission, is the runtime's to answer.
         try:
             return self.runtime.generate(request, _ReporterSink(job), cancel)

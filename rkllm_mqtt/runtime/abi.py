@@ -21,7 +21,9 @@ from rkllm_mqtt.errors import AbiError, RuntimeLoadError
 
 __all__ = [
     "LIBRARY_SEARCH_DIRS",
+    "RUNTIMES_OF_LAYOUT",
     "AbiDecision",
+    "abi_choice_hint",
     "abi_for_version",
     "check_init_version",
     "decide_abi",
@@ -39,6 +41,10 @@ _CHUNK: Final = 1 << 20
 _OVERLAP: Final = 64
 
 _SIM_TAGS: Final = {"1.2": "12", "1.3": "13"}
+
+# The runtime.abi value for each runtime release, as messages name them (1.3.x: the 1.3 layout until a release
+# changes it, as _classify assumes).
+RUNTIMES_OF_LAYOUT: Final = {"1.2": "1.2.1, 1.2.2 or 1.2.3", "1.3": "1.3.x"}
 
 # Where a bare library name is looked for after LD_LIBRARY_PATH: where the vendor's instructions and the
 # distributions put librkllmrt.so on a board.
@@ -115,7 +121,25 @@ def abi_for_version(version: str) -> str:
             'if its rkllm.h has the same layout as 1.3.0 (or 1.2.x), set runtime.abi = "1.3" (or "1.2") '
             "explicitly"
         )
-    raise AbiError(f'cannot read rkllm runtime version {version!r}; set runtime.abi to "1.2" or "1.3"')
+    raise AbiError(f"cannot read rkllm runtime version {version!r}. " + abi_choice_hint())
+
+
+def abi_choice_hint(library_path: Path | str = "librkllmrt.so") -> str:
+    """Which ``runtime.abi`` to set by hand, and every way to learn the runtime's version, in one message.
+
+    Said whenever the library's layout cannot be read from the file: a runtime that builds its
+    ``rkllm-runtime version: …`` line from a format string leaves no version in the file for ``auto`` to read.
+    """
+    values = ", or ".join(f'"{abi}" for runtime {runtimes}' for abi, runtimes in RUNTIMES_OF_LAYOUT.items())
+    return (
+        f"Set runtime.abi (section [runtime] of the configuration) to {values}. The runtime's version is the "
+        'airockchip/rknn-llm release the library was taken from (release-v1.2.3 needs "1.2"). Not sure? Set '
+        "either value and start the service once: the runtime prints 'rkllm-runtime version: X.Y.Z' while the "
+        "model loads (journalctl -u rkllm-mqtt | grep 'rkllm-runtime version'), and if the value is the wrong one "
+        "the bridge stops the runtime there and its health names the value to set; a wrong guess costs at most "
+        f"the worker process the runtime runs in, never the bridge. strings -a {library_path} | grep -i version "
+        "may show the version too"
+    )
 
 
 def decide_abi(library_path: Path, configured: str) -> AbiDecision:
@@ -135,9 +159,9 @@ def decide_abi(library_path: Path, configured: str) -> AbiDecision:
     if configured == "auto":
         if version is None:
             raise AbiError(
-                f"cannot tell the ABI layout of {library_path}: it holds no single 'rkllm-runtime version' "
-                'string. Set runtime.abi to "1.2" (runtime 1.2.1 to 1.2.3) or "1.3" (runtime 1.3.0) in the '
-                "configuration"
+                f"cannot tell the ABI layout of {library_path}: it holds no single 'rkllm-runtime version: X.Y.Z' "
+                "string (a runtime that prints its version through a format string holds none). "
+                + abi_choice_hint(library_path)
             )
         return AbiDecision(abi_for_version(version), version, f"library says rkllm-runtime version {version}")
 

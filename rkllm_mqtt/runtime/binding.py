@@ -7,7 +7,9 @@ and everything handed to one ``rkllm_run`` for the duration of that call.
 
 The result callback runs on the runtime's thread while ``rkllm_run`` blocks. It only copies the bytes (and the
 perf numbers at FINISH) and calls the handler: no lock, no logging, nothing that can block the NPU. It always
-returns 0 to C, also when the handler raises.
+returns 0 to C, also when the handler raises. With a :class:`~rkllm_mqtt.runtime.relay.Relay` (the worker's
+case) the runtime calls the relay's C callback instead, which writes token text to the event pipe itself and
+passes only the other states to the Python callback.
 
 ``rkllm_run_async`` is never called and not even declared: it never returns in runtime 1.2.1.
 """
@@ -31,6 +33,7 @@ from rkllm_mqtt.runtime.cdefs import (
     cdef_for,
     per_request_refusal,
 )
+from rkllm_mqtt.runtime.relay import Relay
 
 __all__ = [
     "STATE_ERROR",
@@ -161,8 +164,12 @@ class RkllmBinding:
         self._ffi = ffi
         self._lib = lib
 
-    def init(self, params: InitParams, on_result: ResultHandler) -> None:
-        """rkllm_init with ``params``; ``on_result`` receives every result callback of later runs."""
+    def init(self, params: InitParams, on_result: ResultHandler, relay: Relay | None = None) -> None:
+        """rkllm_init with ``params``; ``on_result`` receives every result callback of later runs.
+
+        With a ``relay``, the runtime calls the relay's C callback, which writes token text to the event pipe
+        itself: ``on_result`` then receives only FINISH and ERROR.
+        """
         ffi, lib = self._require_open()
         if self._handle is not None:
             raise RuntimeLoadError("the runtime already holds a model; destroy() it before init() again")
@@ -192,7 +199,13 @@ class RkllmBinding:
         if params.embed_flash is not None:
             param.extend_param.embed_flash = 1 if params.embed_flash else 0
 
-        callback = ffi.callback("LLMResultCallback", _make_result_callback(ffi), error=0, onerror=_callback_onerror)
+        python_callback = ffi.callback(
+            "LLMResultCallback", _make_result_callback(ffi), error=0, onerror=_callback_onerror
+        )
+        callback = python_callback
+        if relay is not None:
+            relay.setup(int(ffi.cast("uintptr_t", python_callback)))
+            callback = ffi.cast("LLMResultCallback", relay.callback_address())
         userdata = ffi.new_handle(self)
         handle_out = ffi.new("LLMHandle *")
         self._on_result = on_result  # before rkllm_init, in case a runtime calls back from it
@@ -200,10 +213,10 @@ class RkllmBinding:
             callbacks = ffi.new("RKLLMCallback *")
             callbacks.result_callback = callback
             callbacks.result_userdata = userdata
-            keepalive: list[Any] = [param, model_path, callback, userdata, callbacks]
+            keepalive: list[Any] = [param, model_path, python_callback, callback, relay, userdata, callbacks]
             ret = lib.rkllm_init(handle_out, param, callbacks)
         else:
-            keepalive = [param, model_path, callback, userdata]
+            keepalive = [param, model_path, python_callback, callback, relay, userdata]
             ret = lib.rkllm_init(handle_out, param, callback)
         if ret != 0:
             self._on_result = None
@@ -238,6 +251,7 @@ class RkllmBinding:
         *,
         keep_history: bool,
         role: str = "user",
+        enable_thinking: bool = False,
         max_new_tokens: int | None = None,
         sampling: Sampling | None = None,
         lora_name: str | None = None,
@@ -268,7 +282,7 @@ class RkllmBinding:
         prompt_c = ffi.new("char[]", prompt.encode("utf-8"))
         rkllm_input = ffi.new("RKLLMInput *")
         rkllm_input.role = role_c
-        rkllm_input.enable_thinking = False
+        rkllm_input.enable_thinking = enable_thinking
         rkllm_input.input_type = lib.RKLLM_INPUT_PROMPT
         rkllm_input.prompt_input = prompt_c
 
@@ -325,6 +339,16 @@ class RkllmBinding:
         self._check(ret, "rkllm_set_chat_template")
         # The runtime copies them; keeping the latest set costs nothing and is safe if some version does not.
         self._template_keepalive = strings
+
+    def set_function_tools(self, system_prompt: str, tools: str, tool_response_str: str) -> None:
+        """rkllm_set_function_tools (runtime 1.2.1+): the tools (a JSON array) the model may call, the system prompt
+        that goes with them, and the tag that marks a tool's result in a turn of role ``tool``."""
+        ffi, lib = self._require_open()
+        handle = self._require_handle()
+        strings = tuple(ffi.new("char[]", s.encode("utf-8")) for s in (system_prompt, tools, tool_response_str))
+        self._check(lib.rkllm_set_function_tools(handle, *strings), "rkllm_set_function_tools")
+        # Kept like the chat template's strings, in case a runtime keeps the pointers.
+        self._template_keepalive = (*self._template_keepalive, *strings)
 
     def load_lora(self, path: str, name: str, scale: float) -> None:
         ffi, lib = self._require_open()

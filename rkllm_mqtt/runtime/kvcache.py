@@ -18,6 +18,7 @@ class KvCache:
         self._lock = threading.Lock()
         self._owner: str | None = None
         self._system: str | None = None
+        self._tools: str | None = None
         self._dirty = False
         self._running = False
         self._forget_pending = False
@@ -30,8 +31,20 @@ class KvCache:
         """A new worker: the cache is empty."""
         with self._lock:
             self._owner, self._system, self._dirty, self._forget_pending = None, None, False, False
+            self._tools = None
 
-    def begin(self, session: str | None, system: str | None) -> bool:
+    def holds(self, session: str | None, system: str | None, tools: str | None = None) -> bool:
+        """Whether the cache holds the conversation ``session`` as it started (same system prompt and tools)."""
+        with self._lock:
+            return (
+                session is not None
+                and not self._dirty
+                and self._owner == session
+                and self._system == system
+                and self._tools == tools
+            )
+
+    def begin(self, session: str | None, system: str | None, tools: str | None = None) -> bool:
         """A run starts; returns True when the cache must be cleared before it."""
         with self._lock:
             self._running = True
@@ -40,15 +53,16 @@ class KvCache:
                 return True
             if self._owner is None:
                 return False  # the last run kept no history: nothing to clear
-            return session != self._owner or system != self._system
+            return session != self._owner or system != self._system or tools != self._tools
 
-    def end(self, session: str | None, system: str | None, *, dirty: bool) -> None:
+    def end(self, session: str | None, system: str | None, *, dirty: bool, tools: str | None = None) -> None:
         """The run ended; ``dirty`` when its effect on the cache is unknown (an error, a crash, a hang)."""
         with self._lock:
             self._running = False
             self._dirty = dirty or self._forget_pending
             self._owner = session
             self._system = system
+            self._tools = tools
             self._forget_pending = False
 
     def forget(self, session: str | None) -> bool:

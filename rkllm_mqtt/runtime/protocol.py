@@ -12,9 +12,8 @@ from __future__ import annotations
 import json
 import os
 import struct
-from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 HEADER = struct.Struct("!BI")
 
@@ -33,9 +32,10 @@ class EventKind(IntEnum):
     RUN_RETURNED = 7  # JSON {"ret", "message"}: rkllm_run returned; the runtime is free again
 
 
-@dataclass(frozen=True)
-class Event:
-    kind: EventKind
+class Event(NamedTuple):
+    """One frame. ``kind`` is an EventKind value; a plain tuple because one is made per token."""
+
+    kind: int
     payload: bytes
 
     def json(self) -> dict[str, Any]:
@@ -43,6 +43,9 @@ class Event:
         if not isinstance(data, dict):
             raise ValueError("event payload is not a JSON object")
         return data
+
+
+_KINDS = frozenset(int(kind) for kind in EventKind)
 
 
 def encode_event(kind: EventKind, payload: bytes = b"") -> bytes:
@@ -86,7 +89,9 @@ class EventReader:
             end = at + HEADER.size + length
             if end > size:
                 break
-            events.append(Event(EventKind(kind), buffer[at + HEADER.size : end]))
+            if kind not in _KINDS:
+                raise ValueError(f"unknown event kind {kind} from the worker")
+            events.append(Event(kind, buffer[at + HEADER.size : end]))
             at = end
         self._buffer = buffer[at:]
         return events

@@ -29,6 +29,14 @@ from rkllm_mqtt.runtime.protocol import Event, EventKind
 from rkllm_mqtt.runtime.workerproc import WorkerHandle, describe_exit
 
 ABORT_RESEND_S = 0.5
+# Plain ints: compared once per token.
+_CHUNK, _FINISH, _RUN_ERROR, _CAP_REACHED, _RUN_RETURNED = (
+    int(EventKind.CHUNK),
+    int(EventKind.FINISH),
+    int(EventKind.RUN_ERROR),
+    int(EventKind.CAP_REACHED),
+    int(EventKind.RUN_RETURNED),
+)
 _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
@@ -125,6 +133,7 @@ class RunLoop:
         self.finish: dict[str, Any] | None = None
         self.run_error = False
         self.returned: dict[str, Any] | None = None
+        self.run_sent = False
 
     # -- the loop -----------------------------------------------------------------------------------
 
@@ -136,6 +145,12 @@ class RunLoop:
         unregister = self.cancel.on_cancel(self.wake.wake)
         try:
             return self._loop()
+        except BaseException:
+            # The sink (or anything else here) failed mid-run: the worker's run must still end before the next
+            # one starts, or its tokens would reach the next request.
+            if self.run_sent and self.returned is None:
+                self._abandon()
+            raise
         finally:
             unregister()
 
@@ -147,6 +162,7 @@ class RunLoop:
         poller.register(self.wake.read_fd, select.POLLIN)
         if not self.handle.send("run", **self.command):
             return self._worker_gone()
+        self.run_sent = True
         while self.returned is None:
             now = time.monotonic()
             if self.hang_deadline is None:
@@ -183,7 +199,7 @@ class RunLoop:
 
     def _on_event(self, event: Event) -> None:
         kind = event.kind
-        if kind == EventKind.CHUNK:
+        if kind == _CHUNK:
             if self.first_at is None:
                 self.first_at = time.monotonic()
             self.chunks += 1
@@ -191,14 +207,14 @@ class RunLoop:
             if text:
                 self.parts.append(text)
                 self.sink.text(text)
-        elif kind == EventKind.FINISH:
+        elif kind == _FINISH:
             self.finish = event.json()
-        elif kind == EventKind.RUN_ERROR:
+        elif kind == _RUN_ERROR:
             self.run_error = True
-        elif kind == EventKind.CAP_REACHED:
+        elif kind == _CAP_REACHED:
             self.cap_reached = True
             self._ask_to_stop(time.monotonic())
-        elif kind == EventKind.RUN_RETURNED:
+        elif kind == _RUN_RETURNED:
             self.returned = event.json()
 
     def _ask_to_stop(self, now: float) -> None:
@@ -207,6 +223,26 @@ class RunLoop:
         self.hang_deadline = now + self.hang_grace_s
         self.next_abort = now + ABORT_RESEND_S
         self.handle.send("abort")
+
+    def _abandon(self) -> None:
+        """Stop the worker's run and wait for it to return, dropping its events; kill the worker if it hangs."""
+        self.handle.send("abort")
+        deadline = time.monotonic() + self.hang_grace_s
+        events = self.handle.events
+        poller = select.poll()
+        poller.register(events.fd, _POLL_IN)
+        next_abort = time.monotonic() + ABORT_RESEND_S
+        while not events.eof:
+            now = time.monotonic()
+            if now >= deadline:
+                self.handle.kill("hung: rkllm_run did not return after abort")
+                return
+            if now >= next_abort:
+                self.handle.send("abort")
+                next_abort = now + ABORT_RESEND_S
+            ready = poller.poll(max(0, math.ceil((min(deadline, next_abort) - now) * 1000.0)))
+            if ready and any(event.kind == _RUN_RETURNED for event in events.read_ready()):
+                return
 
     # -- endings -----------------------------------------------------------------------------------------
 

@@ -48,11 +48,12 @@ def is_error_line(line: str) -> bool:
 
 
 class RuntimeSupervisor:
+    """The worker process's life and the one generation at a time on it. Thread-safe."""
+
     def __init__(self, settings: Settings, on_change: Callable[[], None] | None = None) -> None:
         self.settings = settings
         self.on_change = on_change or (lambda: None)
-        self._status_lock = threading.Lock()
-        self._status_changed = threading.Condition(self._status_lock)
+        self._status_changed = threading.Condition()  # guards _status and _last_error; notified on change
         self._run_lock = threading.Lock()
         self._stopping = threading.Event()
         self._manager: threading.Thread | None = None
@@ -421,7 +422,10 @@ class RuntimeSupervisor:
                 raise RequestError("unsupported", refusal)
             system = self.system_prompt(request)
             command = self._run_command(request, system)
-            command["clear_first"] = self._kv.begin(request.session, system)
+            if request.replay_prompt is not None and not self._kv.holds(request.session, system, request.tools):
+                # The cache does not hold this conversation (any more): prefill all of it.
+                command["prompt"], command["role"] = request.replay_prompt, "user"
+            command["clear_first"] = self._kv.begin(request.session, system, request.tools)
             dirty = True
             try:
                 outcome = RunLoop(
@@ -436,7 +440,7 @@ class RuntimeSupervisor:
                 ).execute()
                 dirty = outcome.dirty
             finally:
-                self._kv.end(request.session, system, dirty=dirty)
+                self._kv.end(request.session, system, dirty=dirty, tools=request.tools)
             if outcome.worker_lost is not None:
                 self._set_status("restarting", outcome.worker_lost)
                 if outcome.result.error_code == "runtime_hung":
@@ -451,6 +455,9 @@ class RuntimeSupervisor:
             "system": system,
             "keep_history": request.session is not None,
             "lora_name": adapters[0].name if adapters else None,
+            "role": request.role,
+            "enable_thinking": request.enable_thinking,
+            "tools": request.tools,
         }
         if self.abi == "1.2":
             command["enforce_cap"] = cap  # 1.2 has no per-run cap: the worker stops generation itself

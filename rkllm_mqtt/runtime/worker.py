@@ -37,9 +37,12 @@ from rkllm_mqtt.runtime.protocol import (
     encode_json_event,
     write_all,
 )
+from rkllm_mqtt.runtime.relay import Relay
 from rkllm_mqtt.runtime.template import ChatTemplate, build_template
 
 PR_SET_PDEATHSIG = 1
+# The tag that marks a tool's result in a turn of role "tool" (the one Rockchip's own server demo uses).
+TOOL_RESPONSE_TAG = "tool_response"
 
 
 def _die_with_parent() -> None:
@@ -77,7 +80,10 @@ class Worker:
         self.event_fd = event_fd
         self.config = config
         self.binding: Any = None
+        self.relay: Relay | None = None  # token frames written in C (None: through on_result)
         self.template: ChatTemplate | None = None
+        # (system prompt, tools JSON) last given to rkllm_set_function_tools; None while function calling is off.
+        self.function_tools: tuple[str, str] | None = None
         self.runs: queue.Queue[dict[str, Any] | None] = queue.Queue()
         # Set by an abort that arrives after the run command: the runner then skips rkllm_run (which would
         # forget an abort that came before it started). Reset by every run command.
@@ -151,7 +157,10 @@ class Worker:
             started = time.monotonic()
             init = dict(cfg["init"])
             init["model_path"] = model_path
-            binding.init(InitParams(**init), self.on_result)
+            self.relay = Relay.load(self.event_fd)
+            if self.relay is None:
+                print("rkllm-mqtt worker: the C token relay is not built; tokens go through Python", flush=True)
+            binding.init(InitParams(**init), self.on_result, relay=self.relay)
             load_ms = (time.monotonic() - started) * 1000.0
             # Everything rkllm_init printed is in the pipe before this line (the parent checks its version).
             _flush_c_stdio()
@@ -183,11 +192,28 @@ class Worker:
         )
         return True
 
-    def apply_template(self, system: str) -> None:
+    def apply_tools(self, system: str, tools: str | None) -> None:
+        """Function calling on (tools given), changed, or off again before the run."""
+        if tools:
+            if self.function_tools != (system, tools):
+                self.binding.set_function_tools(system, tools, TOOL_RESPONSE_TAG)
+                self.function_tools = (system, tools)
+            return
+        leaving = self.function_tools is not None
+        self.function_tools = None
+        self.apply_template(system, force=leaving)
+
+    def apply_template(self, system: str, *, force: bool = False) -> None:
+        """Set the chat template for ``system`` when it changed; ``force`` sets it in any case (after function
+        calling, which replaced it inside the runtime)."""
         markup = self.config["library"] != "sim"
-        template = build_template(
-            system, self.config.get("prompt_prefix"), self.config.get("prompt_postfix"), markup=markup
-        )
+        prefix, postfix = self.config.get("prompt_prefix"), self.config.get("prompt_postfix")
+        template = build_template(system, prefix, postfix, markup=markup)
+        if force:
+            self.template = None
+            if template is None:  # the markup only, as build_template writes it for a system prompt
+                shaped = build_template(" ", prefix, postfix, markup=markup)
+                template = ChatTemplate("", shaped.prompt_prefix, shaped.prompt_postfix) if shaped else None
         if template is None and self.template is not None:
             # Once a template was set the model's own one cannot be restored: keep the markup, drop the system.
             template = ChatTemplate("", self.template.prompt_prefix, self.template.prompt_postfix)
@@ -200,12 +226,14 @@ class Worker:
     def run_one(self, cmd: dict[str, Any]) -> None:
         ret, message = 0, ""
         try:
-            self.apply_template(str(cmd.get("system") or ""))
+            self.apply_tools(str(cmd.get("system") or ""), cmd.get("tools"))
             if cmd.get("clear_first"):
                 self.binding.clear_kv_cache(False)
             self.tokens = 0
             self.cap = int(cmd.get("enforce_cap") or 0)
             self.cap_sent = False
+            if self.relay is not None:
+                self.relay.begin_run(self.cap)
             if self.abort_pending:  # aborted before it started: rkllm_run would forget that abort
                 self.emit_json(EventKind.RUN_RETURNED, {"ret": 0, "message": "", "tokens": 0})
                 return
@@ -213,6 +241,8 @@ class Worker:
             self.binding.run(
                 str(cmd["prompt"]),
                 keep_history=bool(cmd.get("keep_history")),
+                role=str(cmd.get("role") or "user"),
+                enable_thinking=bool(cmd.get("enable_thinking")),
                 max_new_tokens=cmd.get("max_new_tokens"),
                 sampling=Sampling(**sampling) if sampling else None,
                 lora_name=cmd.get("lora_name"),
@@ -221,7 +251,8 @@ class Worker:
             ret, message = getattr(exc, "ret", -1), exc.message
         except Exception as exc:  # reported, never fatal: the parent decides what to do
             ret, message = -1, f"{type(exc).__name__}: {exc}"
-        self.emit_json(EventKind.RUN_RETURNED, {"ret": ret, "message": message, "tokens": self.tokens})
+        tokens = self.relay.tokens() if self.relay is not None else self.tokens
+        self.emit_json(EventKind.RUN_RETURNED, {"ret": ret, "message": message, "tokens": tokens})
 
     def runner(self) -> None:
         while True:

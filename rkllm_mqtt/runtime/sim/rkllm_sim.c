@@ -33,6 +33,11 @@
  *                  rkllm_run then returns -1 (no FINISH).
  *   hang_at=K      at token K rkllm_run blocks forever; rkllm_abort does not help (a hung runtime).
  *   crash_at=K     at token K the process gets SIGSEGV.
+ *   tool_call=json|xml  function calling: when rkllm_set_function_tools set tools, a user turn whose prompt
+ *                  names one of the tools is answered with a call of that tool instead of the usual reply, in
+ *                  Qwen's form (json: <tool_call>{"name": ..., "arguments": {...}}</tool_call>) or the XML-like
+ *                  one (xml: <tool_call><function=NAME><parameter=KEY>VALUE</parameter></function></tool_call>).
+ *                  Every key=value word of the prompt becomes a string argument. Off by default.
  *   stamp=1        each token's text is CLOCK_MONOTONIC in nanoseconds, in decimal, then a space (latency
  *                  benchmarks compare it with the time the text reaches a subscriber).
  *   claim_version=V  rkllm_init logs "rkllm-runtime version: V" instead of the build's own version (the string
@@ -64,6 +69,8 @@
  * see what crossed the ABI, and that rkllm_run_async is never called. rkllm_run also writes "sim_prefill begin"
  * once it has started (an abort from then on is no longer forgotten) and "sim_prefill end aborted=0|1
  * elapsed_ms=M" after the prefill, so a test can act during the prefill and check afterwards that it did.
+ * Its last line is "sim_run end ret=R generated=N prefill_tokens=P": runs that never overlap show as
+ * alternating "rkllm_run ..." and "sim_run end" lines.
  *
  * rkllm_run_async behaves like the real 1.2.1 one: it writes its trace line and never returns.
  */
@@ -437,7 +444,10 @@ typedef struct {
     int crash_at;
     bool stamp;
     char claim_version[24];
+    int tool_call; /* TOOL_CALL_OFF, TOOL_CALL_JSON or TOOL_CALL_XML */
 } SimSpec;
+
+enum { TOOL_CALL_OFF, TOOL_CALL_JSON, TOOL_CALL_XML };
 
 #define SIM_MAGIC 0x524b4c4cu /* "RKLL": tells a live handle from a stray pointer */
 #define SIM_MAX_LORAS 16
@@ -460,6 +470,7 @@ typedef struct {
     char *system_prompt;
     char *prompt_prefix;
     char *prompt_postfix;
+    char *tools; /* the JSON of rkllm_set_function_tools, NULL when none are set */
     char *loras[SIM_MAX_LORAS];
     int n_loras;
     bool prompt_cache_loaded;
@@ -579,6 +590,15 @@ static bool parse_spec(const char *text, SimSpec *spec) {
             good = parse_int(value, 1, &spec->hang_at);
         } else if (strcmp(key, "crash_at") == 0) {
             good = parse_int(value, 1, &spec->crash_at);
+        } else if (strcmp(key, "tool_call") == 0) {
+            good = true;
+            if (strcmp(value, "json") == 0) {
+                spec->tool_call = TOOL_CALL_JSON;
+            } else if (strcmp(value, "xml") == 0) {
+                spec->tool_call = TOOL_CALL_XML;
+            } else {
+                good = false;
+            }
         } else if (strcmp(key, "stamp") == 0) {
             good = parse_flag(value, &spec->stamp);
         } else if (strcmp(key, "claim_version") == 0) {
@@ -589,7 +609,7 @@ static bool parse_spec(const char *text, SimSpec *spec) {
             }
         } else {
             log_error("sim model spec: unknown key \"%s\" (known: tokens, rate, prefill_ms, lang, split_utf8, "
-                      "fail_init, error_at, hang_at, crash_at, stamp, claim_version)",
+                      "fail_init, error_at, hang_at, crash_at, stamp, claim_version, tool_call)",
                       key);
             ok = false;
             break;
@@ -747,6 +767,155 @@ static bool build_reply(const SimModel *model, const char *prompt, int turn, int
         const char *word = filler_token(model->spec.lang, index++);
         ok = tokens_push(out, word, strlen(word));
     }
+    return ok;
+}
+
+/* ------------------------------------------------------------------------------------------------------ */
+/* Function calling                                                                                        */
+/* ------------------------------------------------------------------------------------------------------ */
+
+/* A growing string; every append reports failure (out of memory) so callers can give up cleanly. */
+typedef struct {
+    char *data;
+    size_t len;
+    size_t cap;
+} Text;
+
+static bool text_append(Text *t, const char *s, size_t n) {
+    if (t->len + n + 1 > t->cap) {
+        size_t cap = t->cap == 0 ? 256 : t->cap;
+        while (t->len + n + 1 > cap) {
+            cap *= 2;
+        }
+        char *data = realloc(t->data, cap);
+        if (data == NULL) {
+            return false;
+        }
+        t->data = data;
+        t->cap = cap;
+    }
+    memcpy(t->data + t->len, s, n);
+    t->len += n;
+    t->data[t->len] = '\0';
+    return true;
+}
+
+static bool text_add(Text *t, const char *s) { return text_append(t, s, strlen(s)); }
+
+/* The first tool of the tools JSON whose name the prompt mentions: every "name": "<value>" in the JSON is a
+ * candidate (a crude scan, enough for a simulated model). Returns a malloc'ed name or NULL. */
+static char *tool_named_in(const char *tools, const char *prompt) {
+    const char *p = tools;
+    while ((p = strstr(p, "\"name\"")) != NULL) {
+        p += 6;
+        while (*p == ' ' || *p == '\n' || *p == '\t') {
+            p++;
+        }
+        if (*p != ':') {
+            continue;
+        }
+        p++;
+        while (*p == ' ' || *p == '\n' || *p == '\t') {
+            p++;
+        }
+        if (*p != '"') {
+            continue;
+        }
+        const char *start = ++p;
+        while (*p != '\0' && *p != '"' && *p != '\\') {
+            p++;
+        }
+        size_t len = (size_t)(p - start);
+        if (len == 0 || *p != '"') {
+            continue;
+        }
+        char *name = strndup(start, len);
+        if (name != NULL && strstr(prompt, name) != NULL) {
+            return name;
+        }
+        free(name);
+    }
+    return NULL;
+}
+
+/* Appends the call's arguments: every key=value word of the prompt (trailing punctuation dropped). */
+static bool add_arguments(Text *t, const char *prompt, int format) {
+    bool ok = true;
+    bool first = true;
+    const char *p = prompt;
+    while (ok && *p != '\0') {
+        while (*p == ' ' || *p == '\n' || *p == '\t') {
+            p++;
+        }
+        const char *start = p;
+        while (*p != '\0' && *p != ' ' && *p != '\n' && *p != '\t') {
+            p++;
+        }
+        const char *end = p;
+        while (end > start && (end[-1] == '.' || end[-1] == ',' || end[-1] == '?' || end[-1] == '!')) {
+            end--;
+        }
+        const char *eq = memchr(start, '=', (size_t)(end - start));
+        if (eq == NULL || eq == start || eq + 1 >= end || memchr(start, '"', (size_t)(end - start)) != NULL ||
+            memchr(start, '\\', (size_t)(end - start)) != NULL || memchr(start, '<', (size_t)(end - start)) != NULL) {
+            continue;
+        }
+        size_t key_len = (size_t)(eq - start);
+        size_t value_len = (size_t)(end - eq - 1);
+        if (format == TOOL_CALL_JSON) {
+            ok = text_add(t, first ? "\"" : ", \"") && text_append(t, start, key_len) && text_add(t, "\": \"") &&
+                 text_append(t, eq + 1, value_len) && text_add(t, "\"");
+        } else {
+            ok = text_add(t, "<parameter=") && text_append(t, start, key_len) && text_add(t, ">\n") &&
+                 text_append(t, eq + 1, value_len) && text_add(t, "\n</parameter>\n");
+        }
+        first = false;
+    }
+    return ok;
+}
+
+/* The reply of a user turn that names a tool: the call, as the configured format writes it. */
+static bool build_tool_call(const SimModel *model, const char *name, const char *prompt, int limit, TokenList *out) {
+    Text t = {0};
+    bool ok;
+    if (model->spec.tool_call == TOOL_CALL_JSON) {
+        ok = text_add(&t, "<tool_call>\n{\"name\": \"") && text_add(&t, name) && text_add(&t, "\", \"arguments\": {") &&
+             add_arguments(&t, prompt, TOOL_CALL_JSON) && text_add(&t, "}}\n</tool_call>");
+    } else {
+        ok = text_add(&t, "<tool_call>\n<function=") && text_add(&t, name) && text_add(&t, ">\n") &&
+             add_arguments(&t, prompt, TOOL_CALL_XML) && text_add(&t, "</function>\n</tool_call>");
+    }
+    ok = ok && tokenize_words(out, t.data, limit);
+    free(t.data);
+    return ok;
+}
+
+static const char *const thinking_tokens[] = {"<think>\n", "thinking ", "it ", "over\n", "</think>\n\n"};
+
+/* The reply of one run: thinking first when asked for, then a tool call or the usual reply. */
+static bool build_run_reply(const SimModel *model, const RKLLMInput *input, int turn, int limit, TokenList *out) {
+    const char *prompt = input->prompt_input;
+    if (input->enable_thinking) {
+        for (size_t i = 0; i < COUNT_OF(thinking_tokens) && out->count < limit; i++) {
+            if (!tokens_push(out, thinking_tokens[i], strlen(thinking_tokens[i]))) {
+                return false;
+            }
+        }
+    }
+    if (model->spec.tool_call != TOOL_CALL_OFF && model->tools != NULL && strcmp(input->role, "user") == 0) {
+        char *name = tool_named_in(model->tools, prompt);
+        if (name != NULL) {
+            bool ok = build_tool_call(model, name, prompt, limit, out);
+            free(name);
+            return ok;
+        }
+    }
+    TokenList reply = {0};
+    bool ok = build_reply(model, prompt, turn, limit - out->count, &reply);
+    for (int i = 0; ok && i < reply.count; i++) {
+        ok = tokens_push(out, reply.items[i], strlen(reply.items[i]));
+    }
+    tokens_free(&reply);
     return ok;
 }
 
@@ -1054,6 +1223,7 @@ SIM_API int rkllm_destroy(LLMHandle handle) {
     free(model->system_prompt);
     free(model->prompt_prefix);
     free(model->prompt_postfix);
+    free(model->tools);
     pthread_cond_destroy(&model->wake);
     pthread_mutex_destroy(&model->wake_lock);
     free(model);
@@ -1189,11 +1359,14 @@ SIM_API int rkllm_run(LLMHandle handle, RKLLMInput *rkllm_input, RKLLMInferParam
     }
     RunContext ctx = {.model = model, .userdata = userdata != NULL ? userdata : model->result_userdata};
     TokenList reply = {0};
-    if (!model->spec.stamp && !build_reply(model, prompt, turn, limit, &reply)) {
+    if (!model->spec.stamp && !build_run_reply(model, rkllm_input, turn, limit, &reply)) {
         tokens_free(&reply);
         atomic_store(&model->running, false);
         log_error("rkllm_run: out of memory");
         return -1;
+    }
+    if (!model->spec.stamp && reply.count < limit) {
+        limit = reply.count; /* a tool call is shorter than a reply and ends the turn */
     }
 
     uint64_t prefill_start = now_ns();
@@ -1282,6 +1455,8 @@ SIM_API int rkllm_run(LLMHandle handle, RKLLMInput *rkllm_input, RKLLMInferParam
             log_error("failed to save prompt cache to %s", rkllm_infer_params->prompt_cache_params->prompt_cache_path);
         }
     }
+    /* Written while the run still holds the handle: a "sim_run end" always comes before the next run's line. */
+    trace("sim_run end ret=%d generated=%d prefill_tokens=%d", ret, generated, count_words(prompt));
     atomic_store(&model->running, false);
     return ret;
 }
@@ -1390,12 +1565,16 @@ SIM_API int rkllm_set_chat_template(LLMHandle handle, const char *system_prompt,
     model->system_prompt = dup_or_empty(system_prompt);
     model->prompt_prefix = dup_or_empty(prompt_prefix);
     model->prompt_postfix = dup_or_empty(prompt_postfix);
+    /* A chat template set after function calling replaces it (the bridge sets one to leave function calling). */
+    free(model->tools);
+    model->tools = NULL;
     return 0;
 }
 
 SIM_API int rkllm_set_function_tools(LLMHandle handle, const char *system_prompt, const char *tools,
                                      const char *tool_response_str) {
-    trace("rkllm_set_function_tools system_prompt=%s tool_response_str=%s", str_or_null(system_prompt),
+    trace("rkllm_set_function_tools system_prompt=%s tools_bytes=%zu tool_response_str=%s", str_or_null(system_prompt),
+          tools != NULL ? strlen(tools) : (size_t)0,
           str_or_null(tool_response_str));
     SimModel *model = model_from_handle(handle, "rkllm_set_function_tools");
     if (model == NULL) {
@@ -1405,6 +1584,15 @@ SIM_API int rkllm_set_function_tools(LLMHandle handle, const char *system_prompt
         log_error("rkllm_set_function_tools: arguments must not be NULL");
         return -1;
     }
+    if (atomic_load(&model->running)) {
+        log_error("rkllm_set_function_tools: rkllm_run is running");
+        return -1;
+    }
+    /* Like the real runtime, the system prompt given here becomes the conversation's system prompt. */
+    free(model->system_prompt);
+    free(model->tools);
+    model->system_prompt = dup_or_empty(system_prompt);
+    model->tools = tools[0] != '\0' ? strdup(tools) : NULL;
     return 0;
 }
 
