@@ -113,7 +113,12 @@ class Publisher:
         self, topic: str, payload: bytes, correlation: bytes | None, qos: int, on_acked: Callable[[], None] | None
     ) -> object:
         if self.finals is not None and qos > 0:  # retained for a while, so a late subscriber still gets it
+            if on_acked is None:
+                return self.finals.publish(topic, payload, correlation)
             return self.finals.publish(topic, payload, correlation, on_acked=on_acked)
+        # on_acked only when there is one: a transport that settles nothing need not know the keyword.
+        if on_acked is None:
+            return self.transport.publish(topic, payload, qos=qos, correlation_data=correlation)
         return self.transport.publish(topic, payload, qos=qos, correlation_data=correlation, on_acked=on_acked)
 
     def last(self, response: FinalResponse) -> None:

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import structlog
 
@@ -145,22 +145,16 @@ class RetainedFinals:
     ) -> object:
         """Publish one final response; returns what the transport returned (None: it refused the message).
         ``on_acked`` runs once the broker has it (the transport's promise)."""
+        # on_acked only when there is one: a transport that settles nothing need not know the keyword.
+        extra: dict[str, Any] = {"on_acked": on_acked} if on_acked is not None else {}
         if self.retain_s <= 0:
-            return self.transport.publish(topic, payload, qos=1, correlation_data=correlation, on_acked=on_acked)
+            return self.transport.publish(topic, payload, qos=1, correlation_data=correlation, **extra)
         if self.transport.expires_messages:
             return self.transport.publish(
-                topic,
-                payload,
-                qos=1,
-                retain=True,
-                correlation_data=correlation,
-                expiry_s=self.retain_s,
-                on_acked=on_acked,
+                topic, payload, qos=1, retain=True, correlation_data=correlation, expiry_s=self.retain_s, **extra
             )
         # MQTT 3.1.1 has no expiry: the bridge clears it later. A refused message was never retained.
-        result = self.transport.publish(
-            topic, payload, qos=1, retain=True, correlation_data=correlation, on_acked=on_acked
-        )
+        result = self.transport.publish(topic, payload, qos=1, retain=True, correlation_data=correlation, **extra)
         if result is not None:
             with self._cond:
                 # Publishers stop before this does: after the stop has cleared, nothing more needs scheduling.
