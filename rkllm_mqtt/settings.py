@@ -231,6 +231,14 @@ class ClusterSettings(_Section):
     group: str = Field("rkllm", description="Shared subscription group name.")
 
 
+class DaemonSettings(_Section):
+    state_dir: Path | None = Field(
+        None,
+        description="Directory for the daemon's state (the record of answered request ids). Unset: systemd's "
+        "StateDirectory (/var/lib/rkllm-mqtt) when writable, else $XDG_STATE_HOME/rkllm-mqtt.",
+    )
+
+
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -269,6 +277,7 @@ class Settings(BaseSettings):
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     # Where the file values came from; set by load_settings, not a setting itself.
