@@ -175,7 +175,9 @@ class RuntimeSettings(_Section):
     def resolved_library(self) -> str:
         if self.library:
             return self.library
-        return SIM_LIBRARY if self.model_path is None else VENDOR_LIBRARY
+        # A `sim:` spec only means something to the simulated runtime: it picks the simulator as well.
+        simulated = self.model_path is None or self.model_path.startswith("sim:")
+        return SIM_LIBRARY if simulated else VENDOR_LIBRARY
 
     @property
     def is_simulated(self) -> bool:
