@@ -38,7 +38,8 @@ from rkllm_mqtt.bridge.dispatcher import Deadline, Dispatcher
 from rkllm_mqtt.bridge.extension import Extension
 from rkllm_mqtt.bridge.ledger import SettledLedger
 from rkllm_mqtt.bridge.memory import release_free_memory
-from rkllm_mqtt.bridge.publisher import Publisher, Publishing
+from rkllm_mqtt.bridge.publisher import Publisher
+from rkllm_mqtt.bridge.publishing import Publishing
 from rkllm_mqtt.bridge.reporter import MqttJobReporter
 from rkllm_mqtt.bridge.requests import (
     Rejection,

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 import structlog
 
+from rkllm_mqtt.bridge.publishing import Publishing
 from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.payloads import (
     ErrorEvent,
@@ -25,26 +25,6 @@ log = structlog.get_logger(__name__)
 # queue is otherwise unbounded, and past 65,535 messages it runs out of MQTT message ids and refuses publishes:
 # chunks and even the final response would be lost.
 MAX_BACKLOG = 1000
-
-
-class Publishing(Protocol):
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        response_topic: str | None = None,
-        on_acked: Callable[[], None] | None = None,
-        handoff: str | None = None,
-    ) -> object: ...
-
-    @property
-    def backlog(self) -> int:
-        """QoS 1 messages the broker has not acknowledged yet."""
-        ...
 
 
 class Publisher:

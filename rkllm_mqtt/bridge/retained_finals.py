@@ -19,33 +19,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
+from rkllm_mqtt.bridge.publishing import ExpiringPublishing
+
 log = structlog.get_logger(__name__)
-
-
-class ExpiringPublishing(Protocol):
-    """The part of the MQTT transport that retained finals need."""
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        response_topic: str | None = None,
-        expiry_s: int | None = None,
-        on_acked: Callable[[], None] | None = None,
-    ) -> object: ...
-
-    @property
-    def expires_messages(self) -> bool:
-        """The connection is MQTT 5, so the broker honours a Message Expiry Interval."""
-        ...
 
 
 @dataclass(order=True, frozen=True)
