@@ -53,6 +53,7 @@ from rkllm_mqtt.bridge.requests import (
 from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.bridge.transport import IncomingMessage
 from rkllm_mqtt.core.jobs import GenerationRequest, Job, Refused
+from rkllm_mqtt.core.runtime_view import RuntimeView
 from rkllm_mqtt.core.scheduler import RUNTIME_FAILURES, Scheduler
 from rkllm_mqtt.payloads import (
     ID_PATTERN,
@@ -96,24 +97,6 @@ class Settling(Protocol):
     """The transport that acknowledges received prompts once they are settled."""
 
     def settle(self, delivery: Delivery | None) -> None: ...
-
-
-class RuntimeView(Protocol):
-    """What the door shows of the runtime (the worker supervisor)."""
-
-    @property
-    def status(self) -> RuntimeStatus: ...
-
-    @property
-    def last_error(self) -> str | None: ...
-
-    @property
-    def restarts(self) -> int: ...
-
-    @property
-    def model_info(self) -> ModelInfo | None: ...
-
-    def alive(self) -> bool: ...
 
 
 @dataclass(frozen=True)
