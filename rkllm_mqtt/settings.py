@@ -140,7 +140,7 @@ class RuntimeSettings(_Section):
     library: str | None = Field(
         None,
         description='Runtime library: "sim" (bundled simulated runtime), a library name or an absolute path. '
-        'Unset: "sim" when model_path is unset, else "librkllmrt.so".',
+        'Unset: "sim" when model_path is unset or a sim: spec, else "librkllmrt.so".',
     )
     abi: Literal["auto", "1.2", "1.3"] = Field(
         "auto",
