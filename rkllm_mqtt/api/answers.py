@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
-from datetime import datetime, timezone
 from typing import Any
 
+from rkllm_mqtt.api.catalog import iso_time
 from rkllm_mqtt.api.reply import Pieces
 from rkllm_mqtt.api.toolcalls import ToolCall
 from rkllm_mqtt.core.jobs import GenerationResult
@@ -30,7 +31,7 @@ STATUS_FOR_CODE: dict[ErrorCode, int] = {
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return iso_time(time.time())
 
 
 def _ns(ms: float | None) -> int:
