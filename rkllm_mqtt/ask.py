@@ -40,6 +40,8 @@ class _Session:
         self.print_stream = print_stream
         self.reply: ReplyTopics | None = None
         self.printed = ""
+        # QoS 1 is at least once: after a reconnect a chunk may arrive again. Chunks carry a growing seq.
+        self.last_seq = -1
         self.final: dict[str, Any] | None = None
         self.availability: dict[str, str] = {}  # node id -> its retained availability
         self.went_offline = False
@@ -82,6 +84,11 @@ class _Session:
         if not isinstance(data, dict) or data.get("id") != self.request_id:
             return
         if message.topic == reply.stream:
+            seq = data.get("seq")
+            if isinstance(seq, int):
+                if seq <= self.last_seq:
+                    return  # a repeat of a chunk already printed
+                self.last_seq = seq
             text = str(data.get("text", ""))
             self.printed += text
             if self.print_stream:

@@ -14,11 +14,11 @@ import signal
 import threading
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import structlog
 
 from rkllm_mqtt import __version__, exit_codes
-from rkllm_mqtt.api.server import ApiServer, ApiStartError
 from rkllm_mqtt.bridge.door import MqttDoor
 from rkllm_mqtt.bridge.ledger import SettledLedger, ledger_path, resolve_state_dir
 from rkllm_mqtt.bridge.retained_finals import RetainedFinals
@@ -29,6 +29,10 @@ from rkllm_mqtt.ha.extension import home_assistant_extension
 from rkllm_mqtt.runtime.supervisor import RuntimeSupervisor
 from rkllm_mqtt.sdnotify import SystemdNotifier
 from rkllm_mqtt.settings import Settings
+
+if TYPE_CHECKING:
+    # aiohttp and jsonschema cost the daemon about 14 MB: loaded only when the API is on.
+    from rkllm_mqtt.api.server import ApiServer
 
 log = structlog.get_logger("rkllm_mqtt.daemon")
 
@@ -128,6 +132,8 @@ class Daemon:
         )
         if s.api.enabled:
             # The HTTP front door (Ollama's API) on the same scheduler: one queue for the one NPU.
+            from rkllm_mqtt.api.server import ApiServer, ApiStartError
+
             self.api = ApiServer(s, self.scheduler, runtime)
             try:
                 self.api.start()

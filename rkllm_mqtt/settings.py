@@ -34,6 +34,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from rkllm_mqtt.errors import ConfigError
+from rkllm_mqtt.topics import topic_name_problem
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -46,6 +47,10 @@ SIM_LIBRARY = "sim"
 VENDOR_LIBRARY = "librkllmrt.so"
 
 _TOPIC_UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
+
+
+# The base topic is the first level(s) of every topic the bridge builds; ids and reply levels follow it.
+MAX_BASE_TOPIC_BYTES = 1024
 
 
 def topic_safe(name: str) -> str:
@@ -92,6 +97,10 @@ class MqttSettings(_Section):
     def _base_topic_is_plain(cls, value: str) -> str:
         if not value or any(ch in value for ch in "+#") or value.startswith(("$", "/")) or value.endswith("/"):
             raise ValueError("must be a plain topic without wildcards, leading '$' or '/', or trailing '/'")
+        # Every topic of the bridge starts with it: a character the broker refuses would silence the bridge.
+        problem = topic_name_problem(value, max_bytes=MAX_BASE_TOPIC_BYTES)
+        if problem is not None:
+            raise ValueError(f"is not a topic the broker accepts: it {problem}")
         return value
 
     @field_validator("node_id")
@@ -166,7 +175,9 @@ class RuntimeSettings(_Section):
     def resolved_library(self) -> str:
         if self.library:
             return self.library
-        return SIM_LIBRARY if self.model_path is None else VENDOR_LIBRARY
+        # A `sim:` spec only means something to the simulated runtime: it picks the simulator as well.
+        simulated = self.model_path is None or self.model_path.startswith("sim:")
+        return SIM_LIBRARY if simulated else VENDOR_LIBRARY
 
     @property
     def is_simulated(self) -> bool:

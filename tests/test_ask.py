@@ -147,3 +147,25 @@ def test_ask_over_mqtt5_uses_a_response_topic(tmp_path: Path) -> None:
         bridge.stop()
         probe.stop()
         broker.stop()
+
+
+def test_a_chunk_repeated_after_a_reconnect_is_printed_once(capsys: pytest.CaptureFixture[str]) -> None:
+    from paho.mqtt.client import MQTTMessage
+
+    from rkllm_mqtt.ask import _Session
+    from rkllm_mqtt.topics import ReplyTopics, Topics
+
+    topics = Topics("rkllm", "node")
+    session = _Session(topics, "q1", print_stream=True)
+    session.reply = ReplyTopics(topics.response("q1"))
+
+    def chunk(seq: int, text: str) -> MQTTMessage:
+        message = MQTTMessage(topic=session.reply.stream.encode() if session.reply else b"")
+        message.payload = json.dumps({"id": "q1", "seq": seq, "text": text}).encode()
+        return message
+
+    # QoS 1 is at least once: after a reconnect the broker may deliver chunk 1 again.
+    for seq, text in [(0, "a"), (1, "b"), (1, "b"), (2, "c"), (0, "a")]:
+        session.on_message(None, None, chunk(seq, text))  # type: ignore[arg-type]
+    assert capsys.readouterr().out == "abc"
+    assert session.printed == "abc"

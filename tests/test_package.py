@@ -28,3 +28,11 @@ def test_importing_the_package_leaves_sys_modules_alone() -> None:
 
 def test_the_command_keeps_rich_out_before_structlog_loads() -> None:
     assert _run("import sys, rkllm_mqtt.cli; print(sys.modules['rich'] is None)") == "True"
+
+
+def test_the_daemon_leaves_the_http_api_unloaded_while_it_is_off() -> None:
+    # aiohttp and jsonschema cost the daemon's resident memory about 14 MB; most installs never enable the API.
+    loaded = _run(
+        "import sys, rkllm_mqtt.cli, rkllm_mqtt.daemon; print(sorted({'aiohttp', 'jsonschema'} & set(sys.modules)))"
+    )
+    assert loaded == "[]"

@@ -277,3 +277,20 @@ def test_every_secret_setting_is_hidden_in_validation_errors(tmp_path: Path) -> 
     assert result.returncode == 2
     assert "api.token" in result.stderr and "value not shown" in result.stderr
     assert "27182818" not in result.stderr and "28459045" not in result.stderr
+
+
+@pytest.mark.parametrize("base", ["rk\x01llm", "rk\u0085llm", "rk\ufdd0llm", "rkllm\x00"])
+def test_a_base_topic_the_broker_would_refuse_is_a_config_error(tmp_path: Path, base: str) -> None:
+    # Every topic of the bridge starts with the base topic: one refused character would silence the bridge.
+    config = tmp_path / "config.toml"
+    config.write_text(f"[mqtt]\nbase_topic = {json.dumps(base)}\n")
+    with pytest.raises(ConfigError, match="base_topic"):
+        load_settings(config)
+
+
+def test_a_sim_spec_as_model_picks_the_simulated_runtime(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[runtime]\nmodel_path = "sim:tokens=8"\n')
+    assert load_settings(config).runtime.resolved_library() == "sim"
+    config.write_text('[runtime]\nmodel_path = "/opt/models/qwen.rkllm"\n')
+    assert load_settings(config).runtime.resolved_library() == "librkllmrt.so"
