@@ -114,7 +114,8 @@ class Daemon:
             s.mqtt,
             host=host,
             availability_topic=self.door.topics.availability,
-            subscriptions=[Subscription(topic) for topic in self.door.prompt_subscriptions()],
+            subscriptions=[Subscription(topic) for topic in self.door.prompt_subscriptions()]
+            + [Subscription(topic, qos=0) for topic in self.door.peer_subscriptions()],
             on_message=self.door.on_message,
             on_connected=self.door.on_connected,
             force_protocol=protocol,

@@ -165,7 +165,7 @@ class MqttDoor:
         self._acks = acks
 
     def subscriptions(self) -> list[str]:
-        return self.prompt_subscriptions() + self.control_subscriptions()
+        return self.prompt_subscriptions() + self.peer_subscriptions() + self.control_subscriptions()
 
     def prompt_subscriptions(self) -> list[str]:
         """Topics that carry requests: acknowledged when settled, so on a connection of their own."""
@@ -174,11 +174,15 @@ class MqttDoor:
             topics.append(self.topics.shared_group_prompt(self.settings.cluster.group))
         return topics
 
+    def peer_subscriptions(self) -> list[str]:
+        """The peers' state and availability (cluster mode), taken at QoS 0 on the prompts' connection: a hand-off
+        decision must see a peer's state in the order it came with the group prompts, and QoS 0 messages neither
+        need an acknowledgement nor wait for a place in the broker's window behind unsettled prompts."""
+        return self.peers.subscriptions() if self.cluster else []
+
     def control_subscriptions(self) -> list[str]:
         """Abort, clear and status topics: acknowledged on receipt, never behind unsettled prompts."""
         topics = [self.topics.abort, self.topics.clear]
-        if self.cluster:
-            topics.extend(self.peers.subscriptions())
         for extension in self.extensions:
             topics.extend(extension.subscriptions())
         return topics
