@@ -25,6 +25,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import structlog
+from paho.mqtt.enums import MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -85,6 +86,33 @@ class _Client(mqtt.Client):
     """
 
     loop_timeout_s = 1.0
+
+    # Closes a race in paho's reconnect(): it installs the new socket and only then queues CONNECT, so a publish
+    # from another thread in between went out ahead of CONNECT. Mosquitto closes such a connection (and paho tries
+    # again); amqtt keeps it open and never answers, which left the bridge unconnected for good. Publishers take
+    # this gate; reconnect() holds it from the socket's creation until CONNECT is queued (microseconds, never
+    # during the TCP connect itself).
+    publish_gate = threading.Lock()  # replaced per instance in __init__; a class default keeps mypy simple
+    _gate_held = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.publish_gate = threading.Lock()
+        self._gate_held = False
+
+    def reconnect(self) -> MQTTErrorCode:
+        try:
+            return super().reconnect()
+        finally:
+            if self._gate_held:
+                self._gate_held = False
+                self.publish_gate.release()
+
+    def _create_socket(self) -> Any:
+        sock = super()._create_socket()  # the TCP (and TLS) connect, outside the gate
+        self.publish_gate.acquire()
+        self._gate_held = True
+        return sock
 
     def _thread_main(self) -> None:  # paho's own, with the timeout passed on
         try:
@@ -437,8 +465,10 @@ class MqttTransport:
         if tracked:
             with self._unacked_lock:
                 self._registering += 1
+        gate = client.publish_gate if isinstance(client, _Client) else contextlib.nullcontext()
         try:
-            info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+            with gate:
+                info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
         except BaseException:
             if tracked:
                 with self._unacked_lock:
