@@ -160,6 +160,7 @@ class Daemon:
             "runtime": {"library": "sim", "model_path": self.model, **self.runtime},
             "limits": dict(self.limits),
             "homeassistant": {"enabled": False},
+            "daemon": {"state_dir": str(self.workdir / "state")},
             "logging": {"format": "json", "level": "info"},
         }
 

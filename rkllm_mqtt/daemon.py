@@ -20,6 +20,7 @@ import structlog
 
 from rkllm_mqtt import __version__, exit_codes
 from rkllm_mqtt.bridge.door import MqttDoor
+from rkllm_mqtt.bridge.ledger import SettledLedger, ledger_path, resolve_state_dir
 from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.bridge.transport import MqttTransport, Subscription
 from rkllm_mqtt.broker import BrokerStartError, EmbeddedBroker
@@ -38,6 +39,7 @@ log = structlog.get_logger("rkllm_mqtt.daemon")
 EMBEDDED_HOST = "127.0.0.1"
 EXIT_BROKER = exit_codes.EMBEDDED_BROKER_FAILED
 EXIT_API = exit_codes.API_FAILED
+CONTROL_CLIENT_SUFFIX = "-ctl"
 STATUS_INTERVAL_S = 30.0
 # Below the unit's TimeoutStartSec (120 s).
 READY_AT_LATEST_S = 90.0
@@ -53,6 +55,9 @@ class Daemon:
         self.scheduler: Scheduler | None = None
         self.door: MqttDoor | None = None
         self.transport: MqttTransport | None = None
+        # Abort, clear and status topics, acknowledged on receipt: never behind the prompts' unsettled messages.
+        self.control: MqttTransport | None = None
+        self.ledger: SettledLedger | None = None
         self.finals: RetainedFinals | None = None
         self.api: ApiServer | None = None
 
@@ -100,17 +105,31 @@ class Daemon:
         self.supervisor = RuntimeSupervisor(s, on_change=self._runtime_changed)
         runtime = self.supervisor
         self.scheduler = Scheduler(runtime, queue_size=s.limits.queue_size, hang_grace_s=s.limits.hang_grace_s)
-        self.door = MqttDoor(s, self.scheduler, runtime, extensions=[home_assistant_extension(s)])
+        self.ledger = self._open_ledger()
+        self.door = MqttDoor(s, self.scheduler, runtime, extensions=[home_assistant_extension(s)], ledger=self.ledger)
         self.scheduler.observe(self.door)
+        # amqtt speaks 3.1.1 only and never answers an MQTT 5 CONNECT with a Will.
+        protocol = "3.1.1" if s.embedded_broker else None
         self.transport = MqttTransport(
             s.mqtt,
             host=host,
             availability_topic=self.door.topics.availability,
-            subscriptions=[Subscription(topic) for topic in self.door.subscriptions()],
+            subscriptions=[Subscription(topic) for topic in self.door.prompt_subscriptions()]
+            + [Subscription(topic, qos=0) for topic in self.door.peer_subscriptions()],
             on_message=self.door.on_message,
             on_connected=self.door.on_connected,
-            # amqtt speaks 3.1.1 only and never answers an MQTT 5 CONNECT with a Will.
-            force_protocol="3.1.1" if s.embedded_broker else None,
+            force_protocol=protocol,
+            manual_ack=True,
+        )
+        self.control = MqttTransport(
+            s.mqtt,
+            host=host,
+            availability_topic=None,
+            subscriptions=[Subscription(topic) for topic in self.door.control_subscriptions()],
+            on_message=self.door.on_message,
+            on_connected=lambda: None,
+            force_protocol=protocol,
+            client_id_suffix=CONTROL_CLIENT_SUFFIX,
         )
         if s.api.enabled:
             # The HTTP front door (Ollama's API) on the same scheduler: one queue for the one NPU.
@@ -128,13 +147,31 @@ class Daemon:
                 return EXIT_API
         self.finals = RetainedFinals(self.transport, s.limits.final_retain_s)
         self.finals.start()
-        self.door.attach(self.transport, self.finals)
+        self.door.attach(self.transport, self.finals, acks=self.transport)
         self.scheduler.start()
         self.door.start()
-        # The transport first: the supervisor's first status change is then published, not refused.
+        # The transports first: the supervisor's first status change is then published, not refused.
+        self.control.start()
         self.transport.start()
         self.supervisor.start()
         return 0
+
+    def _open_ledger(self) -> SettledLedger | None:
+        """The record of answered request ids; without a writable state directory the daemon runs without it."""
+        state_dir = resolve_state_dir(self.settings.daemon.state_dir)
+        ledger = SettledLedger(ledger_path(state_dir, self.settings.mqtt.node_id))
+        try:
+            ledger.open()
+        except OSError as exc:
+            log.error(
+                "ledger_unavailable",
+                state_dir=str(state_dir),
+                error=str(exc),
+                hint="set daemon.state_dir to a writable directory; until then a prompt the broker sends again "
+                "after a crash may be answered twice",
+            )
+            return None
+        return ledger
 
     def _runtime_changed(self) -> None:
         if self.door is not None:
@@ -186,6 +223,10 @@ class Daemon:
             self.finals.stop()  # before the transport: the clears go out ahead of "offline"
         if self.transport is not None:
             self.transport.stop()
+        if self.control is not None:
+            self.control.stop()
+        if self.ledger is not None:
+            self.ledger.close()
         if self.supervisor is not None:
             self.supervisor.stop()
         if self.broker is not None:

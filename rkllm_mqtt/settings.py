@@ -140,7 +140,7 @@ class RuntimeSettings(_Section):
     library: str | None = Field(
         None,
         description='Runtime library: "sim" (bundled simulated runtime), a library name or an absolute path. '
-        'Unset: "sim" when model_path is unset, else "librkllmrt.so".',
+        'Unset: "sim" when model_path is unset or a sim: spec, else "librkllmrt.so".',
     )
     abi: Literal["auto", "1.2", "1.3"] = Field(
         "auto",
@@ -175,7 +175,9 @@ class RuntimeSettings(_Section):
     def resolved_library(self) -> str:
         if self.library:
             return self.library
-        return SIM_LIBRARY if self.model_path is None else VENDOR_LIBRARY
+        # A `sim:` spec only means something to the simulated runtime: it picks the simulator as well.
+        simulated = self.model_path is None or self.model_path.startswith("sim:")
+        return SIM_LIBRARY if simulated else VENDOR_LIBRARY
 
     @property
     def is_simulated(self) -> bool:
@@ -231,6 +233,14 @@ class ClusterSettings(_Section):
     group: str = Field("rkllm", description="Shared subscription group name.")
 
 
+class DaemonSettings(_Section):
+    state_dir: Path | None = Field(
+        None,
+        description="Directory for the daemon's state (the record of answered request ids). Unset: systemd's "
+        "StateDirectory (/var/lib/rkllm-mqtt) when writable, else $XDG_STATE_HOME/rkllm-mqtt.",
+    )
+
+
 LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -269,6 +279,7 @@ class Settings(BaseSettings):
     homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
     cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
+    daemon: DaemonSettings = Field(default_factory=DaemonSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     # Where the file values came from; set by load_settings, not a setting itself.

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 
 from rkllm_mqtt.core.jobs import CancelToken, GenerationRequest, GenerationResult
-from rkllm_mqtt.core.scheduler import StreamSink
+from rkllm_mqtt.core.runtime_view import StreamSink
 from rkllm_mqtt.errors import RequestError
 from rkllm_mqtt.payloads import ModelInfo, RuntimeStatus
 

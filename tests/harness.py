@@ -187,6 +187,10 @@ class Probe:
         with self.cond:
             return [m for m in self.messages if m.topic == topic]
 
+    def on_prefix(self, prefix: str) -> list[Received]:
+        with self.cond:
+            return [m for m in self.messages if m.topic.startswith(prefix)]
+
     def wait_for(self, predicate: Callable[[list[Received]], bool], timeout: float = 20.0) -> list[Received]:
         with self.cond:
             if not self.cond.wait_for(lambda: predicate(self.messages), timeout):
@@ -235,6 +239,8 @@ class Daemon:
             "logging": {"format": "json", "level": "info"},
             # Discovery adds 16 retained configs per daemon to the shared test broker; the tests of it turn it on.
             "homeassistant": {"enabled": False},
+            # The record of answered request ids stays in the test's directory (and survives a restart in it).
+            "daemon": {"state_dir": str(self.workdir / "state")},
         }
         for name, values in self.sections.items():
             sections.setdefault(name, {}).update(values)
@@ -250,7 +256,7 @@ class Daemon:
         config.write_text(self.config_text())
         env = {k: v for k, v in os.environ.items() if not k.startswith("RKLLM_MQTT_")}
         env.update(extra_env or {})
-        log = self.log_path.open("w")
+        log = self.log_path.open("a")  # a restarted daemon goes on in the same log
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "rkllm_mqtt", "serve", "--config", str(config)],
             stdout=log,

@@ -22,7 +22,8 @@ import structlog
 
 from rkllm_mqtt.api.server import ApiServer, ApiStartError
 from rkllm_mqtt.core.jobs import CancelToken, GenerationRequest, GenerationResult
-from rkllm_mqtt.core.scheduler import Scheduler, StreamSink
+from rkllm_mqtt.core.runtime_view import StreamSink
+from rkllm_mqtt.core.scheduler import Scheduler
 from rkllm_mqtt.payloads import ModelInfo, RuntimeStatus
 from rkllm_mqtt.settings import Settings
 

@@ -40,7 +40,8 @@ def refused_attempts(daemon: Daemon) -> list[datetime]:
     return [
         datetime.fromisoformat(e["timestamp"].replace("Z", "+00:00"))
         for e in daemon.logs()
-        if e.get("event") == "mqtt_connect_refused"
+        # The daemon's second connection (abort/clear, "-ctl") retries on its own schedule.
+        if e.get("event") == "mqtt_connect_refused" and not str(e.get("client_id", "")).endswith("-ctl")
     ]
 
 

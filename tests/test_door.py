@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from rkllm_mqtt.bridge.acks import Delivery
 from rkllm_mqtt.bridge.door import MqttDoor, _Connected
+from rkllm_mqtt.bridge.ledger import SettledLedger
 from rkllm_mqtt.bridge.transport import IncomingMessage
 from rkllm_mqtt.core.scheduler import Scheduler
 from rkllm_mqtt.errors import RequestError
@@ -40,10 +43,27 @@ class Sent:
 
 
 class RecordingTransport:
+    """Records what is published; the broker acknowledges each publish at once unless ``hold_acks`` is set."""
+
     def __init__(self) -> None:
         self.sent: list[Sent] = []
         self.backlog = 0
         self._cond = threading.Condition()
+        self.hold_acks = False
+        self.held: list[tuple[str, Callable[[], None]]] = []
+        self.acknowledged: list[Delivery] = []
+
+    def settle(self, delivery: Delivery | None) -> None:
+        if delivery is not None:
+            with self._cond:
+                self.acknowledged.append(delivery)
+                self._cond.notify_all()
+
+    def release(self, topic: str) -> None:
+        """The broker's PUBACK for the held publish on ``topic``."""
+        with self._cond:
+            callback = next(cb for t, cb in self.held if t == topic)
+        callback()
 
     def publish(
         self,
@@ -54,10 +74,17 @@ class RecordingTransport:
         retain: bool = False,
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
+        on_acked: Callable[[], None] | None = None,
+        handoff: str | None = None,
     ) -> object:
         with self._cond:
             self.sent.append(Sent(topic, payload, retain, correlation_data))
             self._cond.notify_all()
+            if on_acked is not None and self.hold_acks:
+                self.held.append((topic, on_acked))
+                return object()
+        if on_acked is not None:
+            on_acked()
         return object()
 
     def on(self, topic: str) -> list[Sent]:
@@ -88,7 +115,7 @@ class Rig:
         return self.transport.on(f"{ROOT}/state")[-1].json()
 
 
-def make_rig(*, free: bool = True, inbox_size: int = 100, **limits: Any) -> Rig:
+def make_rig(*, free: bool = True, inbox_size: int = 100, ledger: SettledLedger | None = None, **limits: Any) -> Rig:
     settings = Settings(
         mqtt={"node_id": NODE},
         homeassistant={"enabled": True},
@@ -96,10 +123,12 @@ def make_rig(*, free: bool = True, inbox_size: int = 100, **limits: Any) -> Rig:
     )
     runtime = FakeRuntime(tokens=["Hel", "lo"], free=free)
     scheduler = Scheduler(runtime, queue_size=settings.limits.queue_size, hang_grace_s=1.0)
-    door = MqttDoor(settings, scheduler, runtime, [HomeAssistantDiscovery(settings)], inbox_size=inbox_size)
+    door = MqttDoor(
+        settings, scheduler, runtime, [HomeAssistantDiscovery(settings)], inbox_size=inbox_size, ledger=ledger
+    )
     scheduler.observe(door)
     transport = RecordingTransport()
-    door.attach(transport)
+    door.attach(transport, acks=transport)
     for extension in door.extensions:
         extension.start(door)
     scheduler.start()
@@ -278,5 +307,133 @@ def test_a_full_inbox_never_blocks_and_never_drops_a_request() -> None:
         door.on_message(IncomingMessage("homeassistant/status", b"online", False))  # no request in it: let go
         assert door.dispatcher.depth == 2
         assert run.cancel.reason == "abort"
+    finally:
+        rig.scheduler.shutdown(WAIT_S)
+
+
+# -- settling: a QoS 1 prompt is acknowledged once its final is with the broker (docs/reliability.md) --------
+
+
+def test_a_prompt_is_acknowledged_only_once_its_final_is_with_the_broker(tmp_path: Path) -> None:
+    ledger = SettledLedger(tmp_path / "settled.log")
+    ledger.open()
+    rig = make_rig(ledger=ledger)
+    rig.transport.hold_acks = True
+    delivery = Delivery(mid=7, epoch=0)
+    try:
+        rig.prompt('{"id": "s1", "prompt": "hi"}', qos=1, delivery=delivery)
+        rig.transport.wait_for(f"{ROOT}/response/s1")
+        assert ledger.contains("s1"), "recorded before the final went out"
+        assert rig.transport.acknowledged == []
+        rig.transport.release(f"{ROOT}/response/s1")
+        assert rig.transport.acknowledged == [delivery]
+        assert ledger.unsettled_finals() == []
+    finally:
+        rig.scheduler.shutdown(WAIT_S)
+
+
+def test_a_redelivered_prompt_answered_before_is_acknowledged_and_not_run(tmp_path: Path) -> None:
+    ledger = SettledLedger(tmp_path / "settled.log")
+    ledger.open()
+    ledger.settle("done-before")
+    rig = make_rig(ledger=ledger)
+    delivery = Delivery(mid=3, epoch=0)
+    try:
+        rig.prompt('{"id": "done-before", "prompt": "hi"}', qos=1, dup=True, delivery=delivery)
+        assert rig.transport.acknowledged == [delivery]
+        assert rig.transport.on(f"{ROOT}/response/done-before") == []
+        assert rig.runtime.runs == []
+        # Without the DUP flag the same id is a new request: ids may be reused.
+        rig.prompt('{"id": "done-before", "prompt": "hi"}', qos=1, delivery=Delivery(mid=4, epoch=0))
+        assert rig.transport.wait_for(f"{ROOT}/response/done-before").json()["state"] == "done"
+    finally:
+        rig.scheduler.shutdown(WAIT_S)
+
+
+def test_a_redelivered_prompt_still_running_joins_it(tmp_path: Path) -> None:
+    ledger = SettledLedger(tmp_path / "settled.log")
+    ledger.open()
+    rig = make_rig(free=False, ledger=ledger)
+    first, again = Delivery(mid=5, epoch=0), Delivery(mid=5, epoch=1)
+    try:
+        rig.prompt('{"id": "long", "prompt": "hi"}', qos=1, delivery=first)
+        run = rig.runtime.next_run(1)
+        rig.prompt('{"id": "long", "prompt": "hi"}', qos=1, dup=True, delivery=again)
+        assert rig.transport.on(f"{ROOT}/error") == [], "not refused as a duplicate id"
+        run.finish()
+        rig.transport.wait_for(f"{ROOT}/response/long")
+        with rig.transport._cond:
+            assert rig.transport._cond.wait_for(lambda: len(rig.transport.acknowledged) == 2, WAIT_S)
+        assert len(rig.runtime.runs) == 1
+        assert len(rig.transport.on(f"{ROOT}/response/long")) == 1
+    finally:
+        rig.scheduler.shutdown(WAIT_S)
+
+
+def test_a_rejected_prompt_is_settled_by_its_final_and_one_without_id_at_once(tmp_path: Path) -> None:
+    ledger = SettledLedger(tmp_path / "settled.log")
+    ledger.open()
+    rig = make_rig(ledger=ledger)
+    with_id, without_id = Delivery(mid=1, epoch=0), Delivery(mid=2, epoch=0)
+    try:
+        rig.prompt('{"id": "bad", "prompt": "hi", "nope": 1}', qos=1, delivery=with_id)
+        rig.prompt(b"{not json", qos=1, delivery=without_id)
+        assert rig.transport.acknowledged == [with_id, without_id]
+        assert ledger.contains("bad")
+    finally:
+        rig.scheduler.shutdown(WAIT_S)
+
+
+def test_finals_left_unsettled_by_a_crash_are_published_again_on_connect(tmp_path: Path) -> None:
+    ledger = SettledLedger(tmp_path / "settled.log")
+    ledger.open()
+    ledger.record_final("lost-ack", f"{ROOT}/response/lost-ack", b'{"id": "lost-ack"}', b"corr")
+    rig = make_rig(ledger=ledger)
+    try:
+        rig.door._handle(_Connected())
+        again = rig.transport.wait_for(f"{ROOT}/response/lost-ack")
+        assert (again.payload, again.correlation) == (b'{"id": "lost-ack"}', b"corr")
+        assert ledger.unsettled_finals() == []
+        rig.door._handle(_Connected())  # a reconnect does not publish it once more
+        assert len(rig.transport.on(f"{ROOT}/response/lost-ack")) == 1
+    finally:
+        rig.scheduler.shutdown(WAIT_S)
+
+
+def test_a_hand_off_sent_again_is_recognised_by_its_token(tmp_path: Path) -> None:
+    ledger = SettledLedger(tmp_path / "settled.log")
+    ledger.open()
+    rig = make_rig(ledger=ledger)
+    token = "0123456789abcdef0123456789abcdef"
+    try:
+        rig.prompt('{"id": "h1", "prompt": "hi"}', qos=1, handoff=token, delivery=Delivery(mid=1, epoch=0))
+        rig.transport.wait_for(f"{ROOT}/response/h1")
+        # The peer that handed it on crashed before the broker acknowledged its forward: it sends it again.
+        again = Delivery(mid=2, epoch=0)
+        rig.prompt('{"id": "h1", "prompt": "hi"}', qos=1, handoff=token, delivery=again)
+        assert again in rig.transport.acknowledged
+        assert len(rig.transport.on(f"{ROOT}/response/h1")) == 1
+        assert len(rig.runtime.runs) == 1
+        # Another hand-off reusing the id is a new request (once the first one has left the scheduler).
+        with rig.transport._cond:
+            assert rig.transport._cond.wait_for(lambda: rig.state()["status"] == "idle", WAIT_S)
+        other = "fedcba9876543210fedcba9876543210"
+        rig.prompt('{"id": "h1", "prompt": "hi"}', qos=1, handoff=other, delivery=Delivery(mid=3, epoch=0))
+        with rig.transport._cond:
+            assert rig.transport._cond.wait_for(lambda: len(rig.transport.on(f"{ROOT}/response/h1")) == 2, WAIT_S)
+        # A token not made by a bridge is ignored, never looked up.
+        rig.prompt('{"id": "h2", "prompt": "hi"}', qos=1, handoff="../../etc", delivery=Delivery(mid=4, epoch=0))
+        rig.transport.wait_for(f"{ROOT}/response/h2")
+    finally:
+        rig.scheduler.shutdown(WAIT_S)
+
+
+def test_a_payload_the_parser_chokes_on_is_answered_and_settled(tmp_path: Path) -> None:
+    rig = make_rig()
+    delivery = Delivery(mid=9, epoch=0)
+    try:
+        rig.prompt(b'{"id": "deep", "prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", qos=1, delivery=delivery)
+        assert rig.transport.on(f"{ROOT}/error")[-1].json()["code"] == "invalid_json"
+        assert rig.transport.acknowledged == [delivery], "an unsettled prompt would hold back every later one"
     finally:
         rig.scheduler.shutdown(WAIT_S)

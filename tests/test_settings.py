@@ -286,3 +286,11 @@ def test_a_base_topic_the_broker_would_refuse_is_a_config_error(tmp_path: Path, 
     config.write_text(f"[mqtt]\nbase_topic = {json.dumps(base)}\n")
     with pytest.raises(ConfigError, match="base_topic"):
         load_settings(config)
+
+
+def test_a_sim_spec_as_model_picks_the_simulated_runtime(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[runtime]\nmodel_path = "sim:tokens=8"\n')
+    assert load_settings(config).runtime.resolved_library() == "sim"
+    config.write_text('[runtime]\nmodel_path = "/opt/models/qwen.rkllm"\n')
+    assert load_settings(config).runtime.resolved_library() == "librkllmrt.so"

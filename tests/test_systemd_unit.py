@@ -87,6 +87,8 @@ def test_unit_essentials() -> None:
     assert settings["CapabilityBoundingSet"] == [""]
     assert settings["KillMode"] == ["mixed"]
     assert settings["OOMPolicy"] == ["continue"]
+    # The record of answered request ids lives there (daemon.state_dir defaults to it, docs/reliability.md).
+    assert settings["StateDirectory"] == ["rkllm-mqtt"]
     # cffi's ffi.callback needs write+execute memory: the unit must not forbid it (docs/systemd.md).
     assert "MemoryDenyWriteExecute" not in settings
     # The daemon's stop takes at most shutdown_grace_s + hang_grace_s (10 + 15 s by default).

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+import time
+from abc import ABC, abstractmethod
 from typing import Any
 
+from rkllm_mqtt.api.catalog import iso_time
 from rkllm_mqtt.api.reply import Pieces
 from rkllm_mqtt.api.toolcalls import ToolCall
 from rkllm_mqtt.core.jobs import GenerationResult
@@ -29,7 +31,7 @@ STATUS_FOR_CODE: dict[ErrorCode, int] = {
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+    return iso_time(time.time())
 
 
 def _ns(ms: float | None) -> int:
@@ -48,108 +50,83 @@ def final_stats(result: GenerationResult, total_ms: float) -> dict[str, Any]:
     }
 
 
-class ChatAnswer:
-    """``/api/chat``: pieces go out as ``message`` deltas; tool calls as ``message.tool_calls``."""
+class _Answer(ABC):
+    """What chat and generate bodies share; a subclass says where the text goes (``_body``, ``_empty``)."""
 
     def __init__(self, model: str, *, thinking: bool) -> None:
         self.model = model
         self.thinking = thinking
 
-    def _message(self, text: str, thinking: str, calls: list[ToolCall]) -> dict[str, Any]:
+    @abstractmethod
+    def _body(self, text: str, thinking: str, calls: list[ToolCall]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _empty(self) -> dict[str, Any]: ...
+
+    def piece(self, pieces: Pieces) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "created_at": now_iso(),
+            **self._body(pieces.text, pieces.thinking, pieces.calls),
+            "done": False,
+        }
+
+    def last(self, result: GenerationResult, total_ms: float) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "created_at": now_iso(),
+            **self._empty(),
+            "done": True,
+            **final_stats(result, total_ms),
+        }
+
+    def whole(
+        self, text: str, thinking: str, calls: list[ToolCall], result: GenerationResult, total_ms: float
+    ) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "created_at": now_iso(),
+            **self._body(text, thinking, calls),
+            "done": True,
+            **final_stats(result, total_ms),
+        }
+
+    def loaded(self, reason: str) -> dict[str, Any]:
+        return {"model": self.model, "created_at": now_iso(), **self._empty(), "done_reason": reason, "done": True}
+
+
+class ChatAnswer(_Answer):
+    """``/api/chat``: pieces go out as ``message`` deltas; tool calls as ``message.tool_calls``."""
+
+    def has_output(self, pieces: Pieces) -> bool:
+        return bool(pieces.text or pieces.calls or (self.thinking and pieces.thinking))
+
+    def _body(self, text: str, thinking: str, calls: list[ToolCall]) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if self.thinking and thinking:
             message["thinking"] = thinking
         if calls:
             message["tool_calls"] = [call.as_ollama() for call in calls]
-        return message
+        return {"message": message}
 
-    def has_output(self, pieces: Pieces) -> bool:
-        return bool(pieces.text or pieces.calls or (self.thinking and pieces.thinking))
-
-    def piece(self, pieces: Pieces) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "created_at": now_iso(),
-            "message": self._message(pieces.text, pieces.thinking, pieces.calls),
-            "done": False,
-        }
-
-    def last(self, result: GenerationResult, total_ms: float) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "created_at": now_iso(),
-            "message": {"role": "assistant", "content": ""},
-            "done": True,
-            **final_stats(result, total_ms),
-        }
-
-    def whole(
-        self, text: str, thinking: str, calls: list[ToolCall], result: GenerationResult, total_ms: float
-    ) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "created_at": now_iso(),
-            "message": self._message(text, thinking, calls),
-            "done": True,
-            **final_stats(result, total_ms),
-        }
-
-    def loaded(self, reason: str) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "created_at": now_iso(),
-            "message": {"role": "assistant", "content": ""},
-            "done_reason": reason,
-            "done": True,
-        }
+    def _empty(self) -> dict[str, Any]:
+        return {"message": {"role": "assistant", "content": ""}}
 
 
-class GenerateAnswer:
-    """``/api/generate``: pieces go out as ``response`` (and ``thinking``)."""
-
-    def __init__(self, model: str, *, thinking: bool) -> None:
-        self.model = model
-        self.thinking = thinking
+class GenerateAnswer(_Answer):
+    """``/api/generate``: pieces go out as ``response`` (and ``thinking``); it has no tool calls."""
 
     def has_output(self, pieces: Pieces) -> bool:
         return bool(pieces.text or (self.thinking and pieces.thinking))
 
-    def _fields(self, text: str, thinking: str) -> dict[str, Any]:
+    def _body(self, text: str, thinking: str, calls: list[ToolCall]) -> dict[str, Any]:
         fields: dict[str, Any] = {"response": text}
         if self.thinking and thinking:
             fields["thinking"] = thinking
         return fields
 
-    def piece(self, pieces: Pieces) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "created_at": now_iso(),
-            **self._fields(pieces.text, pieces.thinking),
-            "done": False,
-        }
-
-    def last(self, result: GenerationResult, total_ms: float) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "created_at": now_iso(),
-            "response": "",
-            "done": True,
-            **final_stats(result, total_ms),
-        }
-
-    def whole(
-        self, text: str, thinking: str, calls: list[ToolCall], result: GenerationResult, total_ms: float
-    ) -> dict[str, Any]:
-        return {
-            "model": self.model,
-            "created_at": now_iso(),
-            **self._fields(text, thinking),
-            "done": True,
-            **final_stats(result, total_ms),
-        }
-
-    def loaded(self, reason: str) -> dict[str, Any]:
-        return {"model": self.model, "created_at": now_iso(), "response": "", "done_reason": reason, "done": True}
+    def _empty(self) -> dict[str, Any]:
+        return {"response": ""}
 
 
 Answer = ChatAnswer | GenerateAnswer

@@ -30,7 +30,8 @@ def matches(requested: str, model_name: str) -> bool:
     return wanted in (full, model_name.lower()) or (":" not in wanted and f"{wanted}:latest" == full)
 
 
-def _iso(ts: float) -> str:
+def iso_time(ts: float) -> str:
+    """A Unix time as Ollama writes times: ISO 8601 in UTC, with ``Z``."""
     return datetime.fromtimestamp(ts, tz=timezone.utc).isoformat().replace("+00:00", "Z")
 
 
@@ -66,7 +67,7 @@ def _identity(info: ModelInfo) -> dict[str, Any]:
     return {
         "name": name,
         "model": name,
-        "modified_at": _iso(mtime if mtime is not None else info.loaded_at),
+        "modified_at": iso_time(mtime if mtime is not None else info.loaded_at),
         "size": size,
         "digest": digest,
         "details": details(info),

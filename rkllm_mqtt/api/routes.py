@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import web
@@ -26,8 +26,9 @@ from rkllm_mqtt.api.formats import AnswerFormat, FormatError
 from rkllm_mqtt.api.relay import NDJSON, JobDesk, JobRelay, Turn, error_response, ndjson_line
 from rkllm_mqtt.api.shapes import ChatBody, GenerateBody, ModelBody, Options, describe
 from rkllm_mqtt.core.jobs import GenerationRequest
+from rkllm_mqtt.core.runtime_view import RuntimeStatusView
 from rkllm_mqtt.errors import ErrorCode
-from rkllm_mqtt.payloads import ModelInfo, RuntimeStatus
+from rkllm_mqtt.payloads import ModelInfo
 from rkllm_mqtt.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -37,19 +38,6 @@ OLLAMA_API_VERSION = "0.12.0"
 
 B = TypeVar("B", bound=BaseModel)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class RuntimeView(Protocol):
-    """What the API needs to know of the runtime."""
-
-    @property
-    def status(self) -> RuntimeStatus: ...
-
-    @property
-    def last_error(self) -> str | None: ...
-
-    @property
-    def model_info(self) -> ModelInfo | None: ...
 
 
 class ApiError(Exception):
@@ -63,7 +51,7 @@ class ApiError(Exception):
 class OllamaApi:
     """The handlers. Everything runs on the server's event loop; the scheduler is only called, never waited on."""
 
-    def __init__(self, settings: Settings, desk: JobDesk, runtime: RuntimeView) -> None:
+    def __init__(self, settings: Settings, desk: JobDesk, runtime: RuntimeStatusView) -> None:
         self.settings = settings
         self.desk = desk
         self.runtime = runtime

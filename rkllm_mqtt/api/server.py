@@ -14,7 +14,8 @@ import structlog
 from aiohttp import web
 
 from rkllm_mqtt.api.relay import JobDesk
-from rkllm_mqtt.api.routes import OllamaApi, RuntimeView
+from rkllm_mqtt.api.routes import OllamaApi
+from rkllm_mqtt.core.runtime_view import RuntimeStatusView
 from rkllm_mqtt.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -29,7 +30,7 @@ class ApiStartError(RuntimeError):
 
 
 class ApiServer:
-    def __init__(self, settings: Settings, desk: JobDesk, runtime: RuntimeView) -> None:
+    def __init__(self, settings: Settings, desk: JobDesk, runtime: RuntimeStatusView) -> None:
         self.settings = settings
         self.desk = desk
         self.runtime = runtime

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
 
 import structlog
 
+from rkllm_mqtt.bridge.publishing import Publishing
 from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.payloads import (
     ErrorEvent,
@@ -25,24 +25,6 @@ log = structlog.get_logger(__name__)
 # queue is otherwise unbounded, and past 65,535 messages it runs out of MQTT message ids and refuses publishes:
 # chunks and even the final response would be lost.
 MAX_BACKLOG = 1000
-
-
-class Publishing(Protocol):
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        response_topic: str | None = None,
-    ) -> object: ...
-
-    @property
-    def backlog(self) -> int:
-        """QoS 1 messages the broker has not acknowledged yet."""
-        ...
 
 
 class Publisher:
@@ -73,13 +55,25 @@ class Publisher:
     def status(self, reply: ReplyTopics, status: RequestStatus, correlation: bytes | None) -> None:
         self.transport.publish(reply.status, status.to_json(), qos=1, correlation_data=correlation)
 
-    def final(self, reply: ReplyTopics, response: FinalResponse, correlation: bytes | None) -> None:
-        if self._send_final(reply.final, response.to_json(), correlation) is not None:
+    def final(
+        self,
+        reply: ReplyTopics,
+        response: FinalResponse,
+        correlation: bytes | None,
+        *,
+        qos: int = 1,
+        on_acked: Callable[[], None] | None = None,
+        payload: bytes | None = None,
+    ) -> None:
+        """``on_acked`` runs once the broker has the final (the request is then settled); ``payload`` is the final
+        already serialized (the bytes that were recorded before publishing)."""
+        data = payload if payload is not None else response.to_json()
+        if self._send_final(reply.final, data, correlation, qos, on_acked) is not None:
             return
         # The transport refused it (and logged why): a final the broker would not take. The request is still
         # answered, on its default topic, and without its text when the text is what made it too large.
         default = self.topics.response(response.id)
-        if default != reply.final and self._send_final(default, response.to_json(), None) is not None:
+        if default != reply.final and self._send_final(default, data, None, qos, on_acked) is not None:
             return
         stripped = response.model_copy(
             update={
@@ -88,16 +82,24 @@ class Publisher:
                 "finish_reason": "error",
                 "error": ErrorInfo(
                     code="response_too_large",
-                    message=f"the response ({len(response.to_json())} bytes) is larger than the broker takes",
+                    message=f"the response ({len(data)} bytes) is larger than the broker takes",
                 ),
             }
         )
-        self._send_final(default, stripped.to_json(), None)
+        if self._send_final(default, stripped.to_json(), None, qos, on_acked) is None and on_acked is not None:
+            on_acked()  # nothing the broker takes: the request is as settled as it can be
 
-    def _send_final(self, topic: str, payload: bytes, correlation: bytes | None) -> object:
-        if self.finals is not None:  # retained for a while, so a late subscriber still gets it
-            return self.finals.publish(topic, payload, correlation)
-        return self.transport.publish(topic, payload, qos=1, correlation_data=correlation)
+    def _send_final(
+        self, topic: str, payload: bytes, correlation: bytes | None, qos: int, on_acked: Callable[[], None] | None
+    ) -> object:
+        if self.finals is not None and qos > 0:  # retained for a while, so a late subscriber still gets it
+            if on_acked is None:
+                return self.finals.publish(topic, payload, correlation)
+            return self.finals.publish(topic, payload, correlation, on_acked=on_acked)
+        # on_acked only when there is one: a transport that settles nothing need not know the keyword.
+        if on_acked is None:
+            return self.transport.publish(topic, payload, qos=qos, correlation_data=correlation)
+        return self.transport.publish(topic, payload, qos=qos, correlation_data=correlation, on_acked=on_acked)
 
     def last(self, response: FinalResponse) -> None:
         self.transport.publish(self.topics.last, response.to_json(), qos=1, retain=True)
@@ -115,9 +117,26 @@ class Publisher:
         log.warning("request_error", code=event.code, message=event.message, request_id=event.id)
         self.transport.publish(self.topics.error, event.to_json(), qos=1)
 
-    def forward(self, topic: str, payload: bytes, response_topic: str | None, correlation: bytes | None) -> None:
-        """Pass a request on unchanged, MQTT 5 reply properties included."""
-        self.transport.publish(topic, payload, qos=1, correlation_data=correlation, response_topic=response_topic)
+    def forward(
+        self,
+        topic: str,
+        payload: bytes,
+        response_topic: str | None,
+        correlation: bytes | None,
+        *,
+        on_acked: Callable[[], None] | None = None,
+        handoff: str | None = None,
+    ) -> None:
+        """Pass a request on unchanged, MQTT 5 reply properties included, with its hand-off token (MQTT 5)."""
+        self.transport.publish(
+            topic,
+            payload,
+            qos=1,
+            correlation_data=correlation,
+            response_topic=response_topic,
+            on_acked=on_acked,
+            handoff=handoff,
+        )
 
     def raw(self, topic: str, payload: bytes, *, retain: bool) -> None:
         self.transport.publish(topic, payload, qos=1, retain=retain)

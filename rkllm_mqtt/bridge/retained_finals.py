@@ -19,32 +19,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any
 
 import structlog
 
+from rkllm_mqtt.bridge.publishing import ExpiringPublishing
+
 log = structlog.get_logger(__name__)
-
-
-class ExpiringPublishing(Protocol):
-    """The part of the MQTT transport that retained finals need."""
-
-    def publish(
-        self,
-        topic: str,
-        payload: bytes,
-        *,
-        qos: int = 1,
-        retain: bool = False,
-        correlation_data: bytes | None = None,
-        response_topic: str | None = None,
-        expiry_s: int | None = None,
-    ) -> object: ...
-
-    @property
-    def expires_messages(self) -> bool:
-        """The connection is MQTT 5, so the broker honours a Message Expiry Interval."""
-        ...
 
 
 @dataclass(order=True, frozen=True)
@@ -139,16 +120,21 @@ class RetainedFinals:
             self._thread.join(5.0)
         self._clear(remaining)
 
-    def publish(self, topic: str, payload: bytes, correlation: bytes | None) -> object:
-        """Publish one final response; returns what the transport returned (None: it refused the message)."""
+    def publish(
+        self, topic: str, payload: bytes, correlation: bytes | None, *, on_acked: Callable[[], None] | None = None
+    ) -> object:
+        """Publish one final response; returns what the transport returned (None: it refused the message).
+        ``on_acked`` runs once the broker has it (the transport's promise)."""
+        # on_acked only when there is one: a transport that settles nothing need not know the keyword.
+        extra: dict[str, Any] = {"on_acked": on_acked} if on_acked is not None else {}
         if self.retain_s <= 0:
-            return self.transport.publish(topic, payload, qos=1, correlation_data=correlation)
+            return self.transport.publish(topic, payload, qos=1, correlation_data=correlation, **extra)
         if self.transport.expires_messages:
             return self.transport.publish(
-                topic, payload, qos=1, retain=True, correlation_data=correlation, expiry_s=self.retain_s
+                topic, payload, qos=1, retain=True, correlation_data=correlation, expiry_s=self.retain_s, **extra
             )
         # MQTT 3.1.1 has no expiry: the bridge clears it later. A refused message was never retained.
-        result = self.transport.publish(topic, payload, qos=1, retain=True, correlation_data=correlation)
+        result = self.transport.publish(topic, payload, qos=1, retain=True, correlation_data=correlation, **extra)
         if result is not None:
             with self._cond:
                 # Publishers stop before this does: after the stop has cleared, nothing more needs scheduling.

@@ -8,6 +8,9 @@
 - Reconnecting is paho's job (exponential ``reconnect_delay_set``); QoS 1 publishes made while
   disconnected stay in paho's queue and go out after the reconnect.
 - paho's callbacks run on its network thread and only hand messages on.
+- With ``manual_ack`` a QoS 1 message is acknowledged only when its receiver settles it
+  (:meth:`MqttTransport.settle`), in the order the messages arrived (:mod:`rkllm_mqtt.bridge.acks`): a message
+  the daemon had not settled when it died is sent again by the broker. docs/reliability.md has the design.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from rkllm_mqtt.bridge.acks import AckSequencer, Delivery
 from rkllm_mqtt.bridge.outgoing import publish_problem
 from rkllm_mqtt.errors import quote_input
 from rkllm_mqtt.mqtt_client import build_client
@@ -40,6 +44,11 @@ RECONNECT_MAX_S = 60
 # Unacknowledged QoS 1 publishes on the wire. Mosquitto advertises a Receive Maximum of 20 in its CONNACK and
 # MQTT 5 forbids sending more; paho does not read that value, so the bridge keeps to it.
 MAX_INFLIGHT = 20
+# Prompts received and not yet settled, announced to an MQTT 5 broker as the Receive Maximum (MQTT 3.1.1 brokers
+# use their own window: Mosquitto's max_inflight_messages, 20 by default).
+MAX_UNSETTLED = 20
+# MQTT 5 user property on a prompt handed to a peer: a token that lets the peer recognise it when it comes again.
+HANDOFF_PROPERTY = "rkllm-handoff"
 # Reason codes that mean "this broker does not speak MQTT 5" (v5 0x84, and 3.1.1's 1 read back).
 _PROTOCOL_REFUSED = {0x84, 1}
 
@@ -52,6 +61,13 @@ class IncomingMessage:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     received_at: float = field(default_factory=time.monotonic)
+    qos: int = 0
+    # Set by the broker on a message it sends again (after a reconnect): it may have been received before.
+    dup: bool = False
+    # Present when the message waits for :meth:`MqttTransport.settle` before it is acknowledged.
+    delivery: Delivery | None = None
+    # A prompt a peer handed on (cluster mode, MQTT 5): the token that is the same each time it is sent.
+    handoff: str | None = None
 
 
 @dataclass(frozen=True)
@@ -85,11 +101,13 @@ class MqttTransport:
         settings: MqttSettings,
         *,
         host: str,
-        availability_topic: str,
+        availability_topic: str | None,
         subscriptions: list[Subscription],
         on_message: Callable[[IncomingMessage], None],
         on_connected: Callable[[], None],
         force_protocol: str | None = None,
+        manual_ack: bool = False,
+        client_id_suffix: str = "",
     ) -> None:
         self.settings = settings
         self.host = host
@@ -98,6 +116,14 @@ class MqttTransport:
         self.on_message = on_message
         self.on_connected = on_connected
         self.protocol = force_protocol or settings.protocol
+        self.manual_ack = manual_ack
+        self.client_id = settings.resolved_client_id() + client_id_suffix
+        self._acks = AckSequencer()
+        # Callbacks run when the broker acknowledges a publish, by message id; PUBACKs that arrive while a publish
+        # with a callback is being registered are remembered, so none is missed (see publish()).
+        self._on_acked: dict[int, Callable[[], None]] = {}
+        self._acked_early: set[int] = set()
+        self._registering = 0
         self._client: mqtt.Client | None = None
         self._lock = threading.Lock()
         self._connected = threading.Event()
@@ -144,7 +170,7 @@ class MqttTransport:
         client = self._client
         if client is None:
             return
-        if self.connected:
+        if self.connected and self.availability_topic is not None:
             info = client.publish(self.availability_topic, offline_payload, qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout)
@@ -158,12 +184,14 @@ class MqttTransport:
         # Credentials and TLS exactly as ask and doctor use them (rkllm_mqtt.mqtt_client).
         client = build_client(
             s,
-            client_id=s.resolved_client_id(),
+            client_id=self.client_id,
             protocol="5" if self.is_v5 else "3.1.1",
             persistent=True,
             client_class=_Client,
         )
-        client.will_set(self.availability_topic, b"offline", qos=1, retain=True)
+        client.manual_ack_set(self.manual_ack)
+        if self.availability_topic is not None:
+            client.will_set(self.availability_topic, b"offline", qos=1, retain=True)
         client.loop_timeout_s = s.keepalive_s / 4
         client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.max_inflight_messages_set(MAX_INFLIGHT)
@@ -180,6 +208,9 @@ class MqttTransport:
         if self.is_v5:
             props = Properties(PacketTypes.CONNECT)
             props.SessionExpiryInterval = SESSION_EXPIRY_S
+            if self.manual_ack:
+                # Unsettled prompts the broker may send before it waits for an acknowledgement: they are held here.
+                props.ReceiveMaximum = MAX_UNSETTLED
             client.connect_async(self.host, s.port, s.keepalive_s, clean_start=False, properties=props)
         else:
             client.connect_async(self.host, s.port, s.keepalive_s)
@@ -225,6 +256,7 @@ class MqttTransport:
                 return
             log.error(
                 "mqtt_connect_refused",
+                client_id=self.client_id,
                 host=self.host,
                 port=self.settings.port,
                 reason=str(reason_code),
@@ -237,6 +269,11 @@ class MqttTransport:
         if self.protocol == "auto":
             self.protocol = "5"
         self._connected.set()
+        if self.manual_ack:
+            # Whatever was not acknowledged on the old connection comes again (DUP set) on this one.
+            unsettled = self._acks.new_connection()
+            if unsettled:
+                log.info("mqtt_unsettled_redelivered", messages=unsettled)
         log.info(
             "mqtt_connected",
             host=self.host,
@@ -244,8 +281,10 @@ class MqttTransport:
             protocol=self.protocol,
             session_present=bool(getattr(flags, "session_present", False)),
             first=first,
+            client_id=self.client_id,
         )
-        client.publish(self.availability_topic, b"online", qos=1, retain=True)
+        if self.availability_topic is not None:
+            client.publish(self.availability_topic, b"online", qos=1, retain=True)
         if self.subscriptions:
             client.subscribe([(sub.topic, sub.qos) for sub in self.subscriptions])
         self.on_connected()
@@ -273,7 +312,12 @@ class MqttTransport:
     ) -> None:
         with self._unacked_lock:
             self._unacked = max(0, self._unacked - 1)
+            callback = self._on_acked.pop(mid, None)
+            if callback is None and self._registering:
+                self._acked_early.add(mid)
         _ack_at_once(client.socket())
+        if callback is not None:
+            callback()
 
     @property
     def backlog(self) -> int:
@@ -281,9 +325,14 @@ class MqttTransport:
         return self._unacked
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        delivery = self._acks.arrived(message.mid) if self.manual_ack and message.qos > 0 else None
         props = getattr(message, "properties", None)
         response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
+        handoff = None
+        for key, value in getattr(props, "UserProperty", None) or ():
+            if key == HANDOFF_PROPERTY:
+                handoff = value
         self.on_message(
             IncomingMessage(
                 topic=message.topic,
@@ -291,8 +340,21 @@ class MqttTransport:
                 retain=bool(message.retain),
                 response_topic=response_topic,
                 correlation_data=bytes(correlation) if correlation is not None else None,
+                qos=message.qos,
+                dup=bool(message.dup),
+                delivery=delivery,
+                handoff=handoff,
             )
         )
+
+    def settle(self, delivery: Delivery | None) -> None:
+        """The receiver is done with a message: acknowledge it (and any settled ones held behind it). Any thread."""
+        if delivery is None:
+            return
+        client = self._client
+        if client is None:
+            return
+        self._acks.settle(delivery, lambda mid: client.ack(mid, 1))
 
     # -- publishing (thread-safe: paho locks internally) ------------------------------------------------
 
@@ -335,7 +397,11 @@ class MqttTransport:
         correlation_data: bytes | None = None,
         response_topic: str | None = None,
         expiry_s: int | None = None,
+        on_acked: Callable[[], None] | None = None,
+        handoff: str | None = None,
     ) -> mqtt.MQTTMessageInfo | None:
+        """Publish; ``on_acked`` runs once the broker has the message (its PUBACK; at once for QoS 0), on paho's
+        thread or this one."""
         client = self._client
         if client is None:
             log.error("mqtt_publish_before_start", topic=topic)
@@ -360,12 +426,42 @@ class MqttTransport:
             properties = self._expiring_properties(correlation_data, response_topic, expiry_s)
         elif (correlation_data is not None or response_topic is not None) and self.protocol == "5":
             properties = self._properties(correlation_data, response_topic)
-        info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
-        if qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+        if handoff is not None and self.protocol == "5":
+            properties = Properties(PacketTypes.PUBLISH)  # not cached: one hand-off, one token
+            if correlation_data is not None:
+                properties.CorrelationData = correlation_data
+            if response_topic is not None:
+                properties.ResponseTopic = response_topic
+            properties.UserProperty = (HANDOFF_PROPERTY, handoff)
+        tracked = on_acked is not None and qos > 0
+        if tracked:
             with self._unacked_lock:
+                self._registering += 1
+        try:
+            info = client.publish(topic, payload, qos=qos, retain=retain, properties=properties)
+        except BaseException:
+            if tracked:
+                with self._unacked_lock:
+                    self._registering -= 1
+            raise
+        queued = qos > 0 and info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
+        run_now = on_acked is not None and not queued  # QoS 0, or refused: nothing to wait for
+        with self._unacked_lock:
+            if queued:
                 self._unacked += 1
+            if tracked:
+                self._registering -= 1
+                if queued and info.mid in self._acked_early:
+                    run_now = True  # the PUBACK came before the callback was registered
+                    self._acked_early.discard(info.mid)
+                elif queued and on_acked is not None:
+                    self._on_acked[info.mid] = on_acked
+                if not self._registering:
+                    self._acked_early.clear()
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             log.error("mqtt_publish_failed", topic=topic, rc=info.rc)
+        if run_now and on_acked is not None:
+            on_acked()
         return info
 
 

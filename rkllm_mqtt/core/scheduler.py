@@ -39,8 +39,9 @@ from rkllm_mqtt.core.jobs import (
     Job,
     Refused,
 )
+from rkllm_mqtt.core.runtime_view import RuntimeStatusView, StreamSink
 from rkllm_mqtt.errors import ErrorCode, RequestError
-from rkllm_mqtt.payloads import FinishReason, ModelInfo, RuntimeStatus
+from rkllm_mqtt.payloads import FinishReason, RuntimeStatus
 
 log = structlog.get_logger(__name__)
 
@@ -61,30 +62,11 @@ _SETTLE_SLICE_S = 0.5
 AbortOutcome = Literal["running", "queued", "not_found", "idle"]
 
 
-class StreamSink(Protocol):
-    """Where the runtime puts decoded text as it arrives. It may buffer text until ``flush_deadline()``."""
-
-    def text(self, chunk: str) -> None: ...
-
-    def flush_deadline(self) -> float | None: ...
-
-    def flush(self) -> None: ...
-
-
-class RuntimeRunner(Protocol):
+class RuntimeRunner(RuntimeStatusView, Protocol):
     """The runtime as the scheduler drives it (the worker supervisor in the daemon, a fake in tests)."""
 
     @property
-    def status(self) -> RuntimeStatus: ...
-
-    @property
-    def last_error(self) -> str | None: ...
-
-    @property
     def abi(self) -> str | None: ...
-
-    @property
-    def model_info(self) -> ModelInfo | None: ...
 
     def generate(self, request: GenerationRequest, sink: StreamSink, cancel: CancelToken) -> GenerationResult:
         """Run one request. Returns when it is over; ``cancel`` stops it (abort, timeout, shutdown, disconnect),

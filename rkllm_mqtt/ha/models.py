@@ -106,33 +106,31 @@ class BinarySensorConfig(EntityConfig):
     payload_off: str = "OFF"
 
 
-class ButtonConfig(EntityConfig):
-    platform: ClassVar[Platform] = "button"
+class CommandConfig(EntityConfig):
+    """Options of an entity through which Home Assistant publishes to the bridge."""
 
     command_topic: str
-    # Always sent, also when empty: Home Assistant's default is "PRESS".
-    payload_press: str
     qos: Literal[0, 1, 2] | None = None
     retain: bool = False
 
 
-class TextConfig(EntityConfig):
+class ButtonConfig(CommandConfig):
+    platform: ClassVar[Platform] = "button"
+
+    # Always sent, also when empty: Home Assistant's default is "PRESS".
+    payload_press: str
+
+
+class TextConfig(CommandConfig):
     platform: ClassVar[Platform] = "text"
 
-    command_topic: str
     min: int = Field(0, ge=0, le=HA_STATE_MAX_LEN)
     max: int = Field(HA_STATE_MAX_LEN, ge=1, le=HA_STATE_MAX_LEN)
     mode: Literal["text", "password"] = "text"
-    qos: Literal[0, 1, 2] | None = None
-    retain: bool = False
 
 
-class NotifyConfig(EntityConfig):
+class NotifyConfig(CommandConfig):
     platform: ClassVar[Platform] = "notify"
-
-    command_topic: str
-    qos: Literal[0, 1, 2] | None = None
-    retain: bool = False
 
 
 class EventConfig(EntityConfig):

@@ -22,9 +22,10 @@ import os
 import select
 import time
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from rkllm_mqtt.core.jobs import CancelToken, GenerationRequest, GenerationResult
+from rkllm_mqtt.core.runtime_view import StreamSink
 from rkllm_mqtt.runtime.protocol import Event, EventKind
 from rkllm_mqtt.runtime.workerproc import WorkerHandle, describe_exit
 
@@ -38,16 +39,6 @@ _CHUNK, _FINISH, _RUN_ERROR, _CAP_REACHED, _RUN_RETURNED = (
     int(EventKind.RUN_RETURNED),
 )
 _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
-
-
-class StreamSink(Protocol):
-    """Receives decoded text as it arrives; may buffer it until ``flush_deadline``."""
-
-    def text(self, chunk: str) -> None: ...
-
-    def flush_deadline(self) -> float | None: ...
-
-    def flush(self) -> None: ...
 
 
 @dataclass

@@ -22,13 +22,14 @@ from typing import Any
 import structlog
 
 from rkllm_mqtt.core.jobs import CancelToken, GenerationRequest, GenerationResult
+from rkllm_mqtt.core.runtime_view import StreamSink
 from rkllm_mqtt.errors import RequestError
 from rkllm_mqtt.payloads import ModelInfo, RuntimeStatus
 from rkllm_mqtt.runtime.abi import check_init_version, version_in_log_line
 from rkllm_mqtt.runtime.cdefs import per_request_refusal
 from rkllm_mqtt.runtime.kvcache import KvCache
 from rkllm_mqtt.runtime.protocol import INIT_OUTPUT_END, Event, EventKind, EventReader
-from rkllm_mqtt.runtime.runloop import RunLoop, StreamSink, WakePipe, cancel_result
+from rkllm_mqtt.runtime.runloop import RunLoop, WakePipe, cancel_result
 from rkllm_mqtt.runtime.workerproc import WorkerHandle, describe_exit, worker_command, worker_environment
 from rkllm_mqtt.settings import Settings
 
