@@ -280,8 +280,8 @@ def daemon_id_of(payload: bytes) -> str | None:
     if not text.lstrip().startswith("{"):
         return None
     data = _json(payload)
-    if not isinstance(data, dict):
-        return None
+    if not isinstance(data, dict) or any(isinstance(v, (dict, list)) for v in data.values()):
+        return None  # a request is one flat object (docs/topics.md): the daemon need not read ids in anything else
     rid = data.get("id")
     if isinstance(rid, str) and 1 <= len(rid) <= 64 and set(rid) <= ID_CHARS:
         return rid
