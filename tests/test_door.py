@@ -437,3 +437,22 @@ def test_a_payload_the_parser_chokes_on_is_answered_and_settled(tmp_path: Path) 
         assert rig.transport.acknowledged == [delivery], "an unsettled prompt would hold back every later one"
     finally:
         rig.scheduler.shutdown(WAIT_S)
+
+
+def test_an_abort_that_overtakes_its_prompt_still_aborts_it() -> None:
+    # Prompts and aborts come on two connections: a prompt the broker holds back behind its in-flight window
+    # arrives after the abort its sender published later.
+    rig = make_rig(free=False)
+    try:
+        rig.prompt('{"id": "running", "prompt": "hi"}')
+        rig.runtime.next_run(1)
+        rig.send(f"{ROOT}/abort", "late")
+        assert "late" in rig.transport.on(f"{ROOT}/error")[-1].json()["message"]
+        rig.prompt('{"id": "late", "prompt": "hi"}')
+        final = rig.transport.wait_for(f"{ROOT}/response/late").json()
+        assert (final["state"], final["finish_reason"]) == ("aborted", "abort")
+        rig.prompt('{"id": "late", "prompt": "again"}')  # remembered once: the id may be used again
+        assert rig.transport.on(f"{ROOT}/response/late/status")[-1].json()["status"] == "queued"
+        rig.send(f"{ROOT}/abort", "")
+    finally:
+        rig.scheduler.shutdown(WAIT_S)

@@ -76,6 +76,11 @@ _TOKEN_RE = re.compile(r"^[0-9a-f]{32}$")
 
 # Messages waiting for the dispatcher; past this, prompts are answered queue_full from paho's thread.
 INBOX_SIZE = 10000
+# An abort by id whose prompt has not arrived yet is remembered this long (and at most this many): prompts and
+# control messages come on two connections, and the broker may hold a prompt back behind its in-flight window
+# while the abort sent after it arrives at once.
+EARLY_ABORT_S = 60.0
+EARLY_ABORT_MAX = 256
 # While the inbox is full, one log line per this many messages handled on paho's thread.
 _OVERFLOW_LOG_EVERY = 1000
 # An inbox this deep is a flood, not traffic.
@@ -155,6 +160,8 @@ class MqttDoor:
         self._state_refresh_pending = False  # a state publish held back while the broker is behind
         self._flooded = False  # the inbox ran deep: memory is given back once it is empty again
         self._replayed = False  # unsettled finals of a previous run go out once, on the first connect
+        # Aborts by id that came before their prompt (dispatcher thread only), by id: when they came (monotonic).
+        self._early_aborts: dict[str, float] = {}
 
     # -- wiring -----------------------------------------------------------------------------------------
 
@@ -543,6 +550,8 @@ class MqttDoor:
                         self._handoffs[request.id] = handoff
                     registered = True
         admission = self.scheduler.submit(job)
+        if not isinstance(admission, Refused) and self._take_early_abort(request.id):
+            self.scheduler.abort(request.id)
         if isinstance(admission, Refused):
             if registered:
                 self._take_unsettled(request.id)
@@ -604,12 +613,31 @@ class MqttDoor:
             return
         outcome = self.scheduler.abort(request_id)
         if outcome == "not_found":
+            if request_id is not None:
+                self._remember_early_abort(request_id)
             assert self.publisher is not None
             self.publisher.error(
-                ErrorEvent(code="invalid_request", message=f"abort: no running or queued request with id {request_id}")
+                ErrorEvent(
+                    code="invalid_request",
+                    message=f"abort: no running or queued request with id {request_id}; "
+                    f"a request with this id arriving within {EARLY_ABORT_S:g} s is aborted",
+                )
             )
         elif outcome == "idle":
             log.info("abort_ignored", reason="nothing is running")
+
+    def _remember_early_abort(self, request_id: str) -> None:
+        now = time.monotonic()
+        self._early_aborts = {
+            rid: at for rid, at in self._early_aborts.items() if now - at < EARLY_ABORT_S and rid != request_id
+        }
+        self._early_aborts[request_id] = now
+        while len(self._early_aborts) > EARLY_ABORT_MAX:
+            del self._early_aborts[next(iter(self._early_aborts))]
+
+    def _take_early_abort(self, request_id: str) -> bool:
+        at = self._early_aborts.pop(request_id, None)
+        return at is not None and time.monotonic() - at < EARLY_ABORT_S
 
     def _clear(self, payload: bytes) -> None:
         session = parse_clear(payload)
