@@ -590,3 +590,17 @@ def test_rules_come_from_the_settings() -> None:
     assert accepted(parse(request(max_new_tokens=100), rules=rules)).max_new_tokens == 7
     rejected(parse(request(system="s" * 101), rules=rules), "prompt_too_long")
     rejected(parse(request(response_topic="rkllm/reply/" + "a" * 30), rules=rules), "forbidden_topic")
+
+
+def test_a_key_given_twice_is_refused_not_guessed() -> None:
+    # Peers disagree on which of two equal keys counts; the bridge answers neither.
+    result = rejected(parse('{"id": "z3", "id": "z4", "prompt": "hi"}'), "invalid_json")
+    assert "'id' appears more than once" in result.message
+
+
+def test_a_refused_plain_text_prompt_still_has_an_id_for_its_final() -> None:
+    # Plain text gets a generated id; its refusal must carry it, or no final is published anywhere.
+    forbidden = rejected(parse("plain text", reply="other/x"), "forbidden_topic")
+    assert forbidden.id is not None and forbidden.reply_topic is None
+    nul = rejected(parse("plain\x00text"), "invalid_request")
+    assert nul.id is not None

@@ -268,7 +268,17 @@ def _load_json(text: str) -> Any:
     depth = json_depth(text)
     if depth > MAX_JSON_DEPTH:
         raise ValueError(f"nested {depth} levels deep; a request is one flat object")
-    return json.loads(text, parse_int=_bounded_int)
+    return json.loads(text, parse_int=_bounded_int, object_pairs_hook=_object_without_repeats)
+
+
+def _object_without_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; a key given twice is refused, since peers disagree on which one counts (last, first, error)."""
+    obj: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"the key {quote_input(key, 40)} appears more than once")
+        obj[key] = value
+    return obj
 
 
 # -- requests --------------------------------------------------------------------------------------------------
@@ -336,16 +346,18 @@ def parse_request(
             return Rejection("invalid_request", _describe_validation(exc), known_id, reply, correlation_data)
         prompt = body.prompt
     else:
+        # A plain-text prompt gets its id now, so that even its refusal has a final on {b}/{n}/response/<id>.
+        known_id = new_request_id()
         if reply is not None:
             problem = reply_topic_problem(reply, rules)
             if problem is not None:
-                return Rejection("forbidden_topic", problem, None, None, correlation_data)
+                return Rejection("forbidden_topic", problem, known_id, None, correlation_data)
         prompt = text
         if not prompt.strip():
-            return Rejection("invalid_request", "prompt is empty", None, reply, correlation_data)
+            return Rejection("invalid_request", "prompt is empty", known_id, reply, correlation_data)
         problem = text_problem(prompt)  # decoded UTF-8 holds no surrogate, but it may hold a NUL
         if problem is not None:
-            return Rejection("invalid_request", f"'prompt' {problem}", None, reply, correlation_data)
+            return Rejection("invalid_request", f"'prompt' {problem}", known_id, reply, correlation_data)
 
     request_id = known_id or new_request_id()
     size = len(prompt.encode("utf-8"))
