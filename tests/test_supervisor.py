@@ -514,6 +514,7 @@ def test_a_runtime_that_contradicts_the_layout_at_init_is_refused_before_any_run
         assert f"rkllm-runtime version {claimed}" in error
         assert f'runtime.abi = "{layout}"' in error, "the message names the setting to change"
         assert f'runtime.abi = "{abi}"' in error, "and the setting in use"
+        assert "retrying will not help" in error and "next try in 60 s" in error, "no restart loop on it"
         with pytest.raises(RequestError) as excinfo:
             ask(supervisor, "anyone?")
         assert excinfo.value.code == "not_ready"

@@ -64,6 +64,7 @@ class RuntimeSupervisor:
         self._last_error: str | None = None
         self._model_info: ModelInfo | None = None
         self._restarts = 0
+        self._refused_as_is = False  # the last start was refused for a reason a plain retry cannot change
         self._kv = KvCache()
 
     # -- public state -----------------------------------------------------------------------------
@@ -178,6 +179,9 @@ class RuntimeSupervisor:
                     reason = handle.kill_reason or describe_exit(returncode)
                     log.error("runtime_worker_died", reason=reason, restarts=self._restarts + 1)
                     self._set_status("restarting", f"runtime worker {reason}; restarting")
+            if self._refused_as_is:
+                self._refused_as_is = False
+                backoff = self.settings.runtime.restart_backoff_max_s
             if self._stopping.wait(backoff):
                 break
             backoff = min(backoff * 2, self.settings.runtime.restart_backoff_max_s)
@@ -288,6 +292,11 @@ class RuntimeSupervisor:
             handle.send("shutdown")  # before any rkllm_run
             if handle.wait_exit(10) is None:
                 handle.kill("refused: wrong ABI layout")
+            # The same library and settings will say the same again: retry only at the longest backoff, in case
+            # the library is replaced, and say that a restart alone will not help.
+            self._refused_as_is = True
+            longest = self.settings.runtime.restart_backoff_max_s
+            refusal += f"; retrying will not help until runtime.abi or the library changes (next try in {longest:g} s)"
             log.error("runtime_failed", error=refusal)
             self._set_status("failed", refusal)
             return False
