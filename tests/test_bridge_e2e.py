@@ -198,6 +198,7 @@ def test_timeout_answers_with_the_partial_text(
     assert final["error"]["code"] == "timeout" and final["text"]
 
 
+GENERATED = "(generated)"  # plain text gets an id from the bridge, so its refusal has a final too
 MALFORMED: list[tuple[bytes, str, str | None]] = [
     (b'{"prompt": "x", "id": "ok-1"', "invalid_json", None),
     (b'  {"id": "a1"}', "invalid_request", "a1"),
@@ -205,7 +206,7 @@ MALFORMED: list[tuple[bytes, str, str | None]] = [
     (b'{"prompt": "x", "id": "f1", "temprature": 0.3}', "invalid_request", "f1"),
     (b'{"prompt": 5, "id": "t1"}', "invalid_request", "t1"),
     (b"\xff\xfe not utf-8", "invalid_utf8", None),
-    (b"   ", "invalid_request", None),
+    (b"   ", "invalid_request", GENERATED),
     (json.dumps({"id": "big", "prompt": "x" * 5000}).encode(), "prompt_too_long", "big"),
 ]
 
@@ -216,11 +217,16 @@ def test_malformed_requests_get_their_code_and_the_daemon_keeps_serving(
     """Each rule has its unit test (tests/test_requests.py, tests/test_door.py); here one daemon takes them all
     over a real broker, answers each on the error topic (and its reply topic when the id is known), and serves on."""
     daemon = launch(daemons, tmp_path, amqtt_broker.port, probe, limits={"max_prompt_bytes": 4096})
-    for index, (payload, code, known_id) in enumerate(MALFORMED):
+    for index, (payload, code, expected_id) in enumerate(MALFORMED):
         probe.publish(f"{daemon.root}/prompt", payload)
         probe.wait_for(lambda msgs, n=index + 1: len(errors(probe, daemon)) >= n)
         error = errors(probe, daemon)[index]
-        assert (error["code"], error.get("id")) == (code, known_id), payload
+        if expected_id == GENERATED:
+            assert error["code"] == code and str(error.get("id")).startswith("r-"), payload
+            known_id = error["id"]
+        else:
+            assert (error["code"], error.get("id")) == (code, expected_id), payload
+            known_id = expected_id
         assert error["message"]
         if known_id is not None:
             final = probe.wait_json(f"{daemon.root}/response/{known_id}", lambda r: True)
@@ -364,7 +370,10 @@ def test_mqtt5_response_topic_and_correlation_data(tmp_path: Path, daemons: list
         assert all(s.correlation == b"\x00corr-42" for s in statuses)
         probe.publish(f"{daemon.root}/prompt", "plain", response_topic="homeassistant/evil", correlation=b"c")
         error = probe.wait_json(f"{daemon.root}/error", lambda e: e["code"] == "forbidden_topic")
-        assert error["id"] is None
+        # The plain-text request got an id; its refusal is answered on the default topic, never on the refused one.
+        assert str(error["id"]).startswith("r-")
+        final = probe.wait_json(f"{daemon.root}/response/{error['id']}", lambda r: True)
+        assert final["error"]["code"] == "forbidden_topic" and final.get("id") == error["id"]
     finally:
         probe.stop()
         broker.stop()
