@@ -1,6 +1,6 @@
 """The cdefs and the simulated runtime against the struct layouts of the official headers.
 
-The numbers come from compiling each vendor rkllm.h with g++ on LP64 (/work/shared/RKLLM-ABI.md). A cdef typo
+The numbers come from compiling each vendor rkllm.h with g++ on LP64, pinned below. A cdef typo
 here would be a segfault on a board, so every size and offset the binding depends on is pinned.
 """
 

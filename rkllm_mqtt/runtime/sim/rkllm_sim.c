@@ -316,7 +316,7 @@ typedef struct {
 } RKLLMCallback;
 #endif
 
-/* The numbers come from compiling each official header with g++ on LP64 (see /work/shared/RKLLM-ABI.md). */
+/* The numbers come from compiling each official header with g++ on LP64 (tests/test_abi_layout.py pins the same figures). */
 #if defined(__LP64__)
 _Static_assert(sizeof(RKLLMExtendParam) == 120, "RKLLMExtendParam size");
 _Static_assert(sizeof(RKLLMPerfStat) == 20, "RKLLMPerfStat size");
