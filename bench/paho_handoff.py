@@ -18,9 +18,7 @@ Not part of ``python -m bench``: it measures a design the transport does not use
 from __future__ import annotations
 
 import argparse
-import os
 import select
-import subprocess
 import sys
 import tempfile
 import threading
@@ -32,18 +30,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from bench.procs import Mosquitto
-
-_TICKER = """
-import os, sys, time
-fd, interval, count = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-due = time.monotonic()
-for _ in range(count):
-    due += interval
-    delay = due - time.monotonic()
-    if delay > 0:
-        time.sleep(delay)
-    os.write(fd, b"x")
-"""
+from bench.wakeup import ticker
 
 
 def _client(port: int, name: str) -> mqtt.Client:
@@ -54,26 +41,14 @@ def _client(port: int, name: str) -> mqtt.Client:
 
 def _produce(publish: Callable[[bytes], object], rate: float, count: int) -> float:
     """Publish one message per tick; returns this process's CPU time per message in microseconds."""
-    read_fd, write_fd = os.pipe()
-    ticker = subprocess.Popen(
-        [sys.executable, "-c", _TICKER, str(write_fd), str(1 / rate), str(count)], pass_fds=(write_fd,)
-    )
-    os.close(write_fd)
-    poller = select.poll()
-    poller.register(read_fd, select.POLLIN)
-    started = time.process_time_ns()
-    sent = 0
-    while True:
-        poller.poll()
-        data = os.read(read_fd, 4096)
-        if not data:
-            break
-        for _ in data:
-            publish(f"bench/handoff/{sent}".encode())
-            sent += 1
-    used = time.process_time_ns() - started
-    ticker.wait()
-    os.close(read_fd)
+    with ticker(1 / rate, count) as wakeups:
+        started = time.process_time_ns()
+        sent = 0
+        for ticks in wakeups:
+            for _ in range(ticks):
+                publish(f"bench/handoff/{sent}".encode())
+                sent += 1
+        used = time.process_time_ns() - started
     return used / max(sent, 1) / 1000
 
 

@@ -7,11 +7,13 @@ between threads or processes at that token rate: no work is done per wake-up bes
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 _WRITER = """
 import os, sys, time
@@ -26,7 +28,10 @@ for _ in range(count):
 """
 
 
-def cpu_per_wakeup_us(interval_s: float, count: int) -> float:
+@contextlib.contextmanager
+def ticker(interval_s: float, count: int) -> Iterator[Iterator[int]]:
+    """A process that writes one byte to a pipe every ``interval_s``, ``count`` times; yields an iterator of the
+    ticks each wake-up of the reader brought. The process is started before the caller starts its clock."""
     read_fd, write_fd = os.pipe()
     writer = subprocess.Popen(
         [sys.executable, "-c", _WRITER, str(write_fd), str(interval_s), str(count)], pass_fds=(write_fd,)
@@ -34,17 +39,27 @@ def cpu_per_wakeup_us(interval_s: float, count: int) -> float:
     os.close(write_fd)
     poller = select.poll()
     poller.register(read_fd, select.POLLIN)
-    started = time.thread_time_ns()
-    woken = 0
-    while True:
-        poller.poll()
-        data = os.read(read_fd, 4096)
-        if not data:
-            break
-        woken += len(data)
-    used = time.thread_time_ns() - started
-    writer.wait()
-    os.close(read_fd)
+
+    def wakeups() -> Iterator[int]:
+        while True:
+            poller.poll()
+            data = os.read(read_fd, 4096)
+            if not data:
+                return
+            yield len(data)
+
+    try:
+        yield wakeups()
+    finally:
+        writer.wait()
+        os.close(read_fd)
+
+
+def cpu_per_wakeup_us(interval_s: float, count: int) -> float:
+    with ticker(interval_s, count) as wakeups:
+        started = time.thread_time_ns()
+        woken = sum(wakeups)
+        used = time.thread_time_ns() - started
     return used / max(woken, 1) / 1000
 
 
