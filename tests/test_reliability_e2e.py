@@ -74,6 +74,15 @@ def persistent_probe(port: int, root: str) -> Probe:
     return probe
 
 
+def run_one_and_queue_the_rest(daemon: Daemon, probe: Probe, ids: list[str]) -> None:
+    """Send a request for each id and wait until the first one runs and the others are queued."""
+    for rid in ids:
+        probe.publish(f"{daemon.root}/prompt", request(rid))
+    probe.wait_topic(f"{daemon.root}/response/{ids[0]}/stream")  # the first one runs
+    for rid in ids[1:]:
+        probe.wait_json(f"{daemon.root}/response/{rid}/status", lambda s: s.get("status") == "queued")
+
+
 def test_sigkill_with_one_running_and_a_full_queue_answers_each_request_once(tmp_path: Path, broker: Mosquitto) -> None:
     daemon = Daemon(
         tmp_path, broker.port, mqtt={"protocol": "5"}, runtime={"model_path": SLOW}, limits={"queue_size": 3}
@@ -82,11 +91,7 @@ def test_sigkill_with_one_running_and_a_full_queue_answers_each_request_once(tmp
     ids = [unique_topic("kill-a") for _ in range(4)]
     try:
         start_daemon(daemon, probe)
-        for rid in ids:
-            probe.publish(f"{daemon.root}/prompt", request(rid))
-        probe.wait_topic(f"{daemon.root}/response/{ids[0]}/stream")  # the first one runs
-        for rid in ids[1:]:
-            probe.wait_json(f"{daemon.root}/response/{rid}/status", lambda s: s.get("status") == "queued")
+        run_one_and_queue_the_rest(daemon, probe, ids)
         assert ids[0] not in finals(probe, daemon.root), "the premise: the first request is still running"
         kill(daemon)
         start_daemon(daemon, probe)
@@ -134,11 +139,7 @@ def test_broker_restart_with_a_full_queue_answers_each_request_once(tmp_path: Pa
     ids = [unique_topic("broker") for _ in range(4)]
     try:
         start_daemon(daemon, probe)
-        for rid in ids:
-            probe.publish(f"{daemon.root}/prompt", request(rid))
-        probe.wait_topic(f"{daemon.root}/response/{ids[0]}/stream")
-        for rid in ids[1:]:
-            probe.wait_json(f"{daemon.root}/response/{rid}/status", lambda s: s.get("status") == "queued")
+        run_one_and_queue_the_rest(daemon, probe, ids)
         broker.stop()
         broker.start()
         probe.connected.clear()
