@@ -26,6 +26,7 @@ from rkllm_mqtt.bridge.transport import MqttTransport, Subscription
 from rkllm_mqtt.broker import BrokerStartError, EmbeddedBroker
 from rkllm_mqtt.core.scheduler import Scheduler
 from rkllm_mqtt.ha.extension import home_assistant_extension
+from rkllm_mqtt.logs import report_dropped_lines
 from rkllm_mqtt.runtime.supervisor import RuntimeSupervisor
 from rkllm_mqtt.sdnotify import SystemdNotifier
 from rkllm_mqtt.settings import Settings
@@ -205,6 +206,7 @@ class Daemon:
                     log.info("ready", runtime=self.supervisor.status, connected=self.transport.connected)
             if interval and self.door.healthy(now):
                 self.notifier.watchdog()
+            report_dropped_lines()  # log lines dropped in a flood are counted, at the latest on this tick
             line = self.status_text()
             if line != last_status or now >= next_status:
                 self.notifier.status(line)
