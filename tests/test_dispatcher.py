@@ -107,3 +107,33 @@ def test_stop_handles_what_is_queued_first() -> None:
     dispatcher.start()
     dispatcher.stop(WAIT_S)
     assert recorder.items == [0, 1, 2, 3, 4]
+
+
+def test_in_a_flood_the_newest_message_goes_first_and_every_message_is_still_handled() -> None:
+    gate = threading.Event()
+    handled: list[object] = []
+    all_done = threading.Event()
+
+    def handle(item: object) -> None:
+        if item == "blocker":
+            assert gate.wait(WAIT_S)
+        handled.append(item)
+        if len(handled) == 12:
+            all_done.set()
+
+    dispatcher: Dispatcher[object] = Dispatcher(handle, capacity=100, newest_first_above=3)
+    dispatcher.start()
+    try:
+        dispatcher.offer("blocker")
+        # The blocker is being handled once the inbox is empty again: everything offered now waits behind it.
+        while dispatcher.depth:
+            threading.Event().wait(0.001)
+        for index in range(10):
+            dispatcher.offer(index)
+        dispatcher.put("control")
+        gate.set()
+        assert all_done.wait(WAIT_S)
+    finally:
+        dispatcher.stop()
+    # Control first; then newest first while more than 3 wait (9, 8, 7, 6, 5, 4, 3 leave 0, 1, 2), then in order.
+    assert handled == ["blocker", "control", 9, 8, 7, 6, 5, 4, 3, 0, 1, 2]

@@ -3,8 +3,8 @@
 ``python -m bench.faults.flood [--count 50000] [--qos 0 1]``
 
 For each QoS: the daemon's resident memory while idle; the flood (``--count`` small JSON requests with ids,
-published back to back by one client); a probe request published as soon as the flood is out of the client; how
-long the probe waits for its final; how many flood requests got a final (and which codes); the daemon's
+published back to back by one client); a probe request published by another client as soon as the flood is out
+of the first; how long the probe's client waits for its final, on its own reply topic; how many flood requests got a final (and which codes); the daemon's
 ``mqtt_publish_failed`` log lines; its memory right after and once everything went quiet.
 
 Invariants (exit status 1 when one fails): the probe is answered within ``--probe-s`` (2 s) of the flood's end;
@@ -57,6 +57,32 @@ def _publisher(port: int) -> mqtt.Client:
     return client
 
 
+class _Asker:
+    """Another device: subscribed to its own reply topic only, it sends one request after the flood and waits for
+    its final. (The recorder sees every final of the flood and would report when it got through its backlog.)"""
+
+    def __init__(self, port: int, reply_topic: str) -> None:
+        self.reply_topic = reply_topic
+        self.final: bytes | None = None
+        self.answered = threading.Event()
+        self.client = _publisher(port)
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.subscribe(reply_topic, qos=1)
+        if not subscribed.wait(10):
+            raise RuntimeError("the asking client could not subscribe")
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        if message.topic == self.reply_topic and self.final is None:
+            self.final = bytes(message.payload)
+            self.answered.set()
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
 def _settle_rss(pid: int, quiet_s: float) -> int:
     """RSS once it stopped moving: sampled every second until ``quiet_s`` seconds gave the same value ±256 kB."""
     last = rss_kb(pid)
@@ -80,6 +106,8 @@ def flood_once(daemon: FaultDaemon, rec: Recorder, qos: int, count: int, args: a
     topic = f"{daemon.root}/prompt"
     failed_before = sum(1 for e in daemon.logs() if e.get("event") == "mqtt_publish_failed")
     idle_kb = _settle_rss(daemon.pid, 3.0)
+    probe_id = f"probe-{tag}"
+    asker = _Asker(rec.port, f"{daemon.root}/response/{probe_id}")
     client = _publisher(rec.port)
     try:
         started = time.monotonic()
@@ -91,22 +119,27 @@ def flood_once(daemon: FaultDaemon, rec: Recorder, qos: int, count: int, args: a
         if last is not None and qos == 1:
             last.wait_for_publish(600)
         flood_end = time.monotonic()
-        probe_id = f"probe-{tag}"
+        flood_end_wall = time.time()
         probe = json.dumps({"id": probe_id, "prompt": "probe", "stream": False, "max_new_tokens": 1}).encode()
-        client.publish(topic, probe, qos=1).wait_for_publish(60)
+        asker.client.publish(topic, probe, qos=1).wait_for_publish(60)
         right_after_kb = rss_kb(daemon.pid)
-        final = rec.wait_final(probe_id, args.probe_cap_s)
+        final = asker.final if asker.answered.wait(args.probe_cap_s) else None
         probe_s = time.monotonic() - flood_end if final is not None else None
         probe_state = None
+        probe_made_s = None
         if final is not None:
             data = json.loads(final)
             probe_state = (data.get("error") or {}).get("code") or data.get("state")
+            # When the daemon made the final (its clock is this machine's): late here means the probe reached
+            # the daemon late; early, that the answer waited on its way out.
+            probe_made_s = round(float(data.get("ts", 0.0)) - flood_end_wall, 2)
         peak_kb = rss_kb(daemon.pid)
         rec.wait_answered(set(ids), stall_s=args.drain_s, cap_s=900.0)
         drained = time.monotonic()
     finally:
         client.disconnect()
         client.loop_stop()
+        asker.stop()
     after_kb = _settle_rss(daemon.pid, 5.0)
     with rec.cond:
         answered = [r for r in ids if r in rec.book.finals]
@@ -123,6 +156,7 @@ def flood_once(daemon: FaultDaemon, rec: Recorder, qos: int, count: int, args: a
         "publish_s": round(flood_end - started, 2),
         "probe_s": round(probe_s, 2) if probe_s is not None else None,
         "probe_final": probe_state,
+        "probe_final_made_s": probe_made_s,
         "answered": len(answered),
         "lost": count - len(answered),
         "twice": len(twice),

@@ -1,4 +1,10 @@
-"""The MQTT door's own thread: one inbox handled in arrival order, and deadlines instead of timer threads.
+"""The MQTT door's own thread: one inbox, and deadlines instead of timer threads.
+
+Messages are handled in arrival order, except in a flood: while more than ``newest_first_above`` wait, the newest
+is taken first. Everything in the inbox will be handled either way; what changes is who waits. In arrival order, a
+request sent after a flood of 50,000 prompts waited until every one of them was answered; newest first, it is
+answered as soon as it arrives, and the flood is worked off behind it. (Without a flood the inbox holds a few
+messages and the order is the arrival order.) Control items (:meth:`Dispatcher.put`) go before messages.
 
 Foreign threads (paho's network loop, the runtime supervisor) only put items in the inbox and never wait:
 :meth:`Dispatcher.offer` refuses an item when the inbox holds ``capacity`` messages, and the caller decides what
@@ -15,6 +21,7 @@ import itertools
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -57,12 +64,18 @@ class Dispatcher(Generic[Item]):
         capacity: int,
         name: str = "mqtt-dispatch",
         clock: Callable[[], float] = time.monotonic,
+        newest_first_above: int | None = None,
     ) -> None:
         self.handle = handle
         self.capacity = capacity
         self.name = name
         self.clock = clock
-        self._inbox: queue.SimpleQueue[Item | _Stop] = queue.SimpleQueue()
+        self.newest_first_above = newest_first_above
+        # Items sit in two deques (appends and pops are atomic); the doorbell holds one token per item and is
+        # what the thread waits on. An item is appended before its token is rung, so a token always finds one.
+        self._messages: deque[Item] = deque()
+        self._control: deque[Item | _Stop] = deque()
+        self._doorbell: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._deadlines: list[Deadline] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
@@ -71,19 +84,22 @@ class Dispatcher(Generic[Item]):
     # -- any thread ---------------------------------------------------------------------------------------
 
     def offer(self, item: Item) -> bool:
-        """Queue ``item`` unless ``capacity`` items wait already. Never blocks."""
-        if self._inbox.qsize() >= self.capacity:
+        """Queue ``item`` unless ``capacity`` messages wait already. Never blocks."""
+        if len(self._messages) >= self.capacity:
             return False
-        self._inbox.put(item)
+        self._messages.append(item)
+        self._doorbell.put(None)
         return True
 
     def put(self, item: Item) -> None:
-        """Queue a control item whatever the inbox holds. For rare items only (they are not bounded)."""
-        self._inbox.put(item)
+        """Queue a control item whatever the inbox holds; it goes before the messages. For rare items only
+        (they are not bounded)."""
+        self._control.append(item)
+        self._doorbell.put(None)
 
     @property
     def depth(self) -> int:
-        return self._inbox.qsize()
+        return len(self._messages) + len(self._control)
 
     def healthy(self, now: float | None = None) -> bool:
         """The thread lives and is not stuck in one item. Read only: no side effects."""
@@ -100,7 +116,8 @@ class Dispatcher(Generic[Item]):
 
     def stop(self, timeout: float = 5.0) -> None:
         """Handle what is queued, then stop; deadlines not yet due are dropped."""
-        self._inbox.put(_STOP)
+        self._control.append(_STOP)
+        self._doorbell.put(None)
         thread = self._thread
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
@@ -118,16 +135,29 @@ class Dispatcher(Generic[Item]):
             timeout = None
             if self._deadlines:
                 timeout = max(0.0, self._deadlines[0].when - self.clock())
-            try:
-                item = self._inbox.get(timeout=timeout)
-            except queue.Empty:
-                item = None
+            item = self._next(timeout)
             self._run_due()
             if item is None:
                 continue
             if isinstance(item, _Stop):
+                while self._messages:  # what was queued before the stop is still handled, in arrival order
+                    self._run_item(self._messages.popleft())
                 return
-            self._run(partial(self.handle, item), "item", type(item).__name__)
+            self._run_item(item)
+
+    def _next(self, timeout: float | None) -> Item | _Stop | None:
+        try:
+            self._doorbell.get(timeout=timeout)
+        except queue.Empty:
+            return None
+        if self._control:
+            return self._control.popleft()
+        if self.newest_first_above is not None and len(self._messages) > self.newest_first_above:
+            return self._messages.pop()
+        return self._messages.popleft()
+
+    def _run_item(self, item: Item) -> None:
+        self._run(partial(self.handle, item), "item", type(item).__name__)
 
     def _run_due(self) -> None:
         now = self.clock()

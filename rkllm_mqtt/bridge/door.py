@@ -83,7 +83,8 @@ EARLY_ABORT_S = 60.0
 EARLY_ABORT_MAX = 256
 # While the inbox is full, one log line per this many messages handled on paho's thread.
 _OVERFLOW_LOG_EVERY = 1000
-# An inbox this deep is a flood, not traffic.
+# An inbox this deep is a flood, not traffic: the newest message is handled first (a request sent after the flood
+# is not made to wait for all of it), and memory is given back once it has drained.
 _DEEP_INBOX = 1000
 # How often a held-back state publish looks again whether the broker has caught up.
 _STATE_RETRY_S = 0.2
@@ -143,7 +144,9 @@ class MqttDoor:
         self.cluster = settings.cluster.enabled
         self.peers = PeerTable(self.topics)
         self.publisher: Publisher | None = None
-        self.dispatcher: Dispatcher[InboxItem] = Dispatcher(self._handle, capacity=inbox_size)
+        self.dispatcher: Dispatcher[InboxItem] = Dispatcher(
+            self._handle, capacity=inbox_size, newest_first_above=_DEEP_INBOX
+        )
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
         self._last_final: FinalResponse | None = None

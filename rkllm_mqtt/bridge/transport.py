@@ -120,6 +120,25 @@ class _Client(mqtt.Client):
         finally:
             self._thread = None
 
+    # paho reads as many packets per wake-up as it has QoS 1 and 2 messages in flight, and one when it has none.
+    # A burst of QoS 0 prompts then cost a select() per message, and with it a wait for the interpreter lock
+    # while the dispatcher thread was busy answering: the reading fell far behind the broker. Up to this many
+    # packets are read per wake-up, fewer when the socket runs dry.
+    read_batch = 100
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        if self._sock is None:
+            return MQTTErrorCode.MQTT_ERR_NO_CONN
+        for _ in range(max(self.read_batch, len(self._out_messages) + len(self._in_messages))):
+            if self._sock is None:
+                return MQTTErrorCode.MQTT_ERR_NO_CONN
+            rc = self._packet_read()
+            if rc > 0:
+                return self._loop_rc_handle(rc)
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                break
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
 
 class MqttTransport:
     """A connected paho client with the bridge's conventions. ``start()`` connects in the background."""
