@@ -25,7 +25,7 @@ from typing import Any
 
 import paho.mqtt.client as mqtt
 import structlog
-from paho.mqtt.enums import MQTTErrorCode
+from paho.mqtt.enums import MQTTErrorCode, _ConnectionState
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -50,6 +50,8 @@ MAX_INFLIGHT = 20
 MAX_UNSETTLED = 20
 # MQTT 5 user property on a prompt handed to a peer: a token that lets the peer recognise it when it comes again.
 HANDOFF_PROPERTY = "rkllm-handoff"
+# Queued packets are written together, up to this many bytes per send() (paho sends them one by one).
+WRITE_BATCH_BYTES = 64 * 1024
 # Reason codes that mean "this broker does not speak MQTT 5" (v5 0x84, and 3.1.1's 1 read back).
 _PROTOCOL_REFUSED = {0x84, 1}
 
@@ -138,6 +140,65 @@ class _Client(mqtt.Client):
             if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
                 break
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _packet_write(self) -> MQTTErrorCode:
+        """paho's writer, sending the queued packets together (up to ``WRITE_BATCH_BYTES`` per call).
+
+        paho sends each packet with its own send(): a flood of answers cost a system call per message, and after
+        each one a wait for the interpreter lock while other threads ran. paho also reports every QoS 0 PUBLISH
+        written to ``on_publish``, building a reason code and properties for it; the transport settles QoS 0
+        messages when it publishes them, so here they are only marked as published."""
+        queue = self._out_packet
+        while queue:
+            batch = [queue.popleft()]
+            size = batch[0]["to_process"]
+            while queue and size < WRITE_BATCH_BYTES:
+                batch.append(queue.popleft())
+                size += batch[-1]["to_process"]
+            data = b"".join(p["packet"][p["pos"] :] for p in batch)
+            try:
+                written = self._sock_send(data)
+            except (AttributeError, ValueError):
+                queue.extendleft(reversed(batch))
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+            except BlockingIOError:
+                queue.extendleft(reversed(batch))
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError as err:
+                queue.extendleft(reversed(batch))
+                self._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            if written <= 0:
+                queue.extendleft(reversed(batch))
+                break
+            for index, packet in enumerate(batch):
+                step = min(written, packet["to_process"])
+                packet["to_process"] -= step
+                packet["pos"] += step
+                written -= step
+                if packet["to_process"] > 0:
+                    queue.extendleft(reversed(batch[index:]))  # the rest goes first next time, in order
+                    break
+                if self._packet_sent(packet):
+                    return MQTTErrorCode.MQTT_ERR_SUCCESS
+        with self._msgtime_mutex:
+            self._last_msg_out = mqtt.time_func()
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _packet_sent(self, packet: Any) -> bool:
+        """A packet is fully written. True when it was a DISCONNECT: the connection is then closed."""
+        command = packet["command"] & 0xF0
+        if command == mqtt.PUBLISH and packet["qos"] == 0 and packet["info"] is not None:
+            packet["info"]._set_as_published()
+        if command != mqtt.DISCONNECT:
+            return False
+        with self._msgtime_mutex:
+            self._last_msg_out = mqtt.time_func()
+        self._do_on_disconnect(packet_from_broker=False, v1_rc=MQTTErrorCode.MQTT_ERR_SUCCESS)
+        self._sock_close()
+        if self._state == _ConnectionState.MQTT_CS_DISCONNECTING:
+            self._state = _ConnectionState.MQTT_CS_DISCONNECTED
+        return True
 
 
 class MqttTransport:
