@@ -8,6 +8,7 @@
 - Reconnecting is paho's job (exponential ``reconnect_delay_set``); QoS 1 publishes made while
   disconnected stay in paho's queue and go out after the reconnect.
 - paho's callbacks run on its network thread and only hand messages on.
+- The broker's packets are read from the socket many at a time (``_BufferedReads``), not a few bytes per call.
 - With ``manual_ack`` a QoS 1 message is acknowledged only when its receiver settles it
   (:meth:`MqttTransport.settle`), in the order the messages arrived (:mod:`rkllm_mqtt.bridge.acks`): a message
   the daemon had not settled when it died is sent again by the broker. docs/reliability.md has the design.
@@ -77,6 +78,56 @@ class Subscription:
     qos: int = 1
 
 
+# What one read from the broker's socket asks for: many small packets, or the start of a large one.
+_READ_BYTES = 65536
+
+
+class _BufferedReads:
+    """The broker's TCP socket, with recv() served from one large read.
+
+    paho reads a packet with one recv() for its first byte, one for each byte of its length and one for the rest:
+    three system calls for every small PUBLISH. Here one read takes whatever has arrived (up to 64 KiB) and the
+    recv() calls after it are answered from it. The bytes kept here have already left the socket, so select()
+    would not report them: paho's loop asks pending() first and reads them without waiting. Only an empty buffer
+    reads from the socket, so its EAGAIN, end of stream and errors reach paho as before, after the packets that
+    arrived ahead of them. Everything else is the socket's own.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = b""
+        self._pos = 0
+
+    def recv(self, bufsize: int) -> bytes:
+        if self._pos == len(self._buffer):
+            data = self._sock.recv(max(bufsize, _READ_BYTES))
+            if len(data) <= bufsize:
+                return data
+            self._buffer, self._pos = data, 0
+        start = self._pos
+        self._pos = min(start + bufsize, len(self._buffer))
+        return self._buffer[start : self._pos]
+
+    def pending(self) -> int:
+        return len(self._buffer) - self._pos
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def send(self, data: bytes | bytearray) -> int:
+        return self._sock.send(data)
+
+    def setblocking(self, flag: bool) -> None:
+        self._sock.setblocking(flag)
+
+    def close(self) -> None:
+        self._buffer, self._pos = b"", 0
+        self._sock.close()
+
+    def __getattr__(self, name: str) -> Any:  # setsockopt, getpeername, shutdown...
+        return getattr(self._sock, name)
+
+
 class _Client(mqtt.Client):
     """paho's client with a longer network-loop timeout.
 
@@ -110,6 +161,8 @@ class _Client(mqtt.Client):
 
     def _create_socket(self) -> Any:
         sock = super()._create_socket()  # the TCP (and TLS) connect, outside the gate
+        if type(sock) is socket.socket:  # not TLS (its own buffer and pending()), websockets or a SOCKS proxy
+            sock = _BufferedReads(sock)
         self.publish_gate.acquire()
         self._gate_held = True
         return sock
