@@ -6,15 +6,18 @@ from __future__ import annotations
 import select
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.client import MQTTMessage
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from rkllm_mqtt.bridge.transport import IncomingMessage, MqttTransport, Subscription, _BufferedReads
+from rkllm_mqtt.bridge.transport import IncomingMessage, MqttTransport, Subscription, _BufferedReads, _Client
 from rkllm_mqtt.settings import MqttSettings
 
 from .harness import Mosquitto, Probe, mosquitto_binary
@@ -276,6 +279,39 @@ def test_a_burst_read_ahead_is_handed_on_without_waiting_for_more() -> None:
         t.stop()
         if conn is not None:
             conn.close()
+        server.close()
+
+
+def test_a_flood_still_lets_pahos_loop_come_round() -> None:
+    """Packets read ahead are handed on in one pass of paho's loop, but a pass reads from the socket at most twice
+    however much keeps arriving: between passes the loop sends its PINGREQ and sees a request to stop."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(30)
+    client = _Client(CallbackAPIVersion.VERSION2, client_id=unique_topic("flood"), protocol=mqtt.MQTTv311)
+    received: list[bytes] = []
+    client.on_message = lambda c, userdata, message: received.append(message.payload)
+    client.connect("127.0.0.1", server.getsockname()[1], 30)
+    conn, _ = server.accept()
+    try:
+        conn.settimeout(30)
+        assert read_packet(_BufferedReads(conn))[0] >> 4 == 1  # CONNECT
+        burst = [f"{i:06d}".encode() for i in range(30_000)]  # 630 kB, ten reads at least
+        flood = b"\x20\x02\x00\x00" + b"".join(publish_frame("flood/topic", payload) for payload in burst)
+        threading.Thread(target=conn.sendall, args=(flood,), daemon=True).start()
+        sock = client.socket()
+        assert isinstance(sock, _BufferedReads)
+        passes = 0
+        deadline = time.monotonic() + 60  # a stop for a broken loop, not a measure
+        while len(received) < len(burst) and time.monotonic() < deadline:
+            reads = sock.reads
+            assert client.loop(5) == MQTTErrorCode.MQTT_ERR_SUCCESS
+            assert sock.reads - reads <= 2
+            passes += 1
+        assert received == burst
+        assert passes < len(burst) / 10  # many packets a pass
+    finally:
+        client.disconnect()
+        conn.close()
         server.close()
 
 

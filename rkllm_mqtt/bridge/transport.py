@@ -97,9 +97,11 @@ class _BufferedReads:
         self._sock = sock
         self._buffer = b""
         self._pos = 0
+        self.reads = 0  # from the socket
 
     def recv(self, bufsize: int) -> bytes:
         if self._pos == len(self._buffer):
+            self.reads += 1
             data = self._sock.recv(max(bufsize, _READ_BYTES))
             if len(data) <= bufsize:
                 return data
@@ -158,6 +160,25 @@ class _Client(mqtt.Client):
             if self._gate_held:
                 self._gate_held = False
                 self.publish_gate.release()
+
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        # paho reads one packet (one per message in flight) and goes round select() again: a system call for each
+        # small packet even when the next ones are already read ahead. Reading on while they are hands a burst on in
+        # one pass. The pass stops as soon as something waits to be sent (a publish from another thread, an
+        # acknowledgement), which then goes out between two packets as before, and after at most two reads from the
+        # socket (a packet may be cut at the end of a read): under a steady flood paho's loop still comes round to
+        # send its PINGREQ and to stop when asked.
+        sock = self._sock
+        if not isinstance(sock, _BufferedReads):
+            return super().loop_read(max_packets)
+        reads = sock.reads
+        rc = super().loop_read(max_packets)
+        # A closed socket (paho closes it on an error, and may replace it later) has nothing pending.
+        while (
+            rc == MQTTErrorCode.MQTT_ERR_SUCCESS and sock.pending() and sock.reads - reads < 2 and not self.want_write()
+        ):
+            rc = super().loop_read(max_packets)
+        return rc
 
     def _create_socket(self) -> Any:
         sock = super()._create_socket()  # the TCP (and TLS) connect, outside the gate
