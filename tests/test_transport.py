@@ -1,19 +1,25 @@
-"""The transport's own parts: the inbox hand-over, the per-request publish properties, the connect race, and
-batched writes through a real Mosquitto."""
+"""The transport's own parts: the inbox hand-over, the per-request publish properties, the connect race, the
+buffered reads from the broker and the batched writes to it (over real sockets and a real broker)."""
 
 from __future__ import annotations
 
+import select
 import signal
+import socket
 import threading
+import time
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.client import MQTTMessage
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from rkllm_mqtt.bridge.transport import IncomingMessage, MqttTransport
+from rkllm_mqtt.bridge.transport import IncomingMessage, MqttTransport, Subscription, _BufferedReads, _Client
 from rkllm_mqtt.settings import MqttSettings
 
 from .harness import Mosquitto, Probe, mosquitto_binary
@@ -195,3 +201,279 @@ def test_qos0_messages_written_do_not_count_as_acknowledged_qos1_ones(tmp_path: 
             broker.proc.send_signal(signal.SIGCONT)
         t.stop()
         broker.stop()
+
+
+# -- reading from the broker: many packets from one read ------------------------------------------------------
+
+
+def remaining_length(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        n, byte = divmod(n, 128)
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def publish_frame(topic: str, payload: bytes) -> bytes:
+    """A QoS 0 PUBLISH as MQTT 3.1.1 puts it on the wire."""
+    body = len(topic).to_bytes(2, "big") + topic.encode() + payload
+    return b"\x30" + remaining_length(len(body)) + body
+
+
+def read_packet(sock: _BufferedReads) -> bytes:
+    """One packet read the way paho reads it: its first byte, its length a byte at a time, then the rest."""
+    packet = sock.recv(1)
+    length, shift = 0, 0
+    while True:
+        byte = sock.recv(1)
+        packet += byte
+        length += (byte[0] & 0x7F) << shift
+        shift += 7
+        if not byte[0] & 0x80:
+            break
+    end = len(packet) + length
+    while len(packet) < end:
+        packet += sock.recv(end - len(packet))
+    return packet
+
+
+class CountingSocket(socket.socket):
+    """A real socket that counts the reads that reach it."""
+
+    reads = 0
+
+    def recv(self, bufsize: int, flags: int = 0) -> bytes:
+        self.reads += 1
+        return super().recv(bufsize, flags)
+
+
+@pytest.fixture
+def socket_pair() -> Iterator[tuple[CountingSocket, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    counting = CountingSocket(fileno=ours.detach())
+    yield counting, theirs
+    counting.close()
+    theirs.close()
+
+
+def test_packets_arriving_together_are_read_from_the_socket_once(
+    socket_pair: tuple[CountingSocket, socket.socket],
+) -> None:
+    ours, theirs = socket_pair
+    sock = _BufferedReads(ours)
+    frames = [publish_frame("a/b", b"x"), publish_frame("a/b", b"y" * 300), b"\xd0\x00"]  # the 2nd: 2 length bytes
+    theirs.sendall(b"".join(frames))
+    assert sock.pending() == 0
+    assert read_packet(sock) == frames[0]
+    assert sock.pending() == len(frames[1]) + len(frames[2])  # they arrived with the first and are kept
+    assert read_packet(sock) == frames[1]
+    assert sock.pending() == len(frames[2])
+    assert read_packet(sock) == frames[2]
+    assert sock.pending() == 0
+    assert ours.reads == 1
+    # With nothing kept and nothing arrived, a non-blocking read says so as the socket does.
+    sock.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        sock.recv(1)
+    assert ours.reads == 2
+
+
+def test_a_read_never_waits_for_more_than_is_kept(socket_pair: tuple[CountingSocket, socket.socket]) -> None:
+    ours, theirs = socket_pair
+    sock = _BufferedReads(ours)
+    frame = publish_frame("a/b", b"z" * 100)
+    theirs.sendall(frame[:50])
+    assert sock.recv(2) == frame[:2]
+    assert sock.recv(1000) == frame[2:50]  # what is kept, as a socket returns what has arrived
+    theirs.sendall(frame[50:])
+    assert sock.recv(1000) == frame[50:]
+    assert ours.reads == 2
+
+
+def test_the_end_of_the_stream_comes_after_the_packets_received_before_it(
+    socket_pair: tuple[CountingSocket, socket.socket],
+) -> None:
+    ours, theirs = socket_pair
+    sock = _BufferedReads(ours)
+    frames = [publish_frame("last/words", b"1"), publish_frame("last/words", b"2")]
+    theirs.sendall(b"".join(frames))
+    theirs.close()
+    assert read_packet(sock) == frames[0]
+    assert read_packet(sock) == frames[1]
+    assert sock.recv(1) == b""
+    assert sock.recv(1) == b""
+
+
+def test_everything_but_reads_is_the_sockets_own(socket_pair: tuple[CountingSocket, socket.socket]) -> None:
+    ours, theirs = socket_pair
+    sock = _BufferedReads(ours)
+    assert sock.fileno() == ours.fileno()
+    assert sock.getsockname() == ours.getsockname()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+    assert ours.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) >= 1 << 16
+    assert select.select([sock], [], [], 0)[0] == []
+    assert sock.send(b"\xc0\x00") == 2  # PINGREQ
+    assert theirs.recv(2) == b"\xc0\x00"
+    theirs.sendall(b"\xd0\x00")
+    assert select.select([sock], [], [], 30)[0] == [sock]
+    sock.close()
+    assert ours.fileno() == -1
+
+
+def test_a_burst_read_ahead_is_handed_on_without_waiting_for_more() -> None:
+    """The broker's packets come in one segment and are read at once: all of them reach the receiver although the
+    socket has nothing left to wake select() with (only pending() tells paho they are there)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(30)
+    received: list[IncomingMessage] = []
+    arrived = threading.Condition()
+    connected = threading.Event()
+
+    def on_message(message: IncomingMessage) -> None:
+        with arrived:
+            received.append(message)
+            arrived.notify_all()
+
+    t = MqttTransport(
+        MqttSettings(port=server.getsockname()[1]),
+        host="127.0.0.1",
+        availability_topic=None,
+        subscriptions=[],
+        on_message=on_message,
+        on_connected=connected.set,
+        force_protocol="3.1.1",
+    )
+    t.start()
+    conn: socket.socket | None = None
+    try:
+        conn, _ = server.accept()
+        conn.settimeout(30)
+        assert read_packet(_BufferedReads(conn))[0] >> 4 == 1  # CONNECT
+        conn.sendall(b"\x20\x02\x00\x00")  # CONNACK, accepted
+        assert connected.wait(30)
+        assert isinstance(t._client.socket() if t._client else None, _BufferedReads)
+        burst = [f"{i:04d}".encode() for i in range(300)]
+        conn.sendall(b"".join(publish_frame("burst", payload) for payload in burst))
+        with arrived:
+            assert arrived.wait_for(lambda: len(received) >= len(burst), 30), f"{len(received)} arrived"
+        conn.sendall(publish_frame("after", b"one more"))
+        with arrived:
+            assert arrived.wait_for(lambda: len(received) > len(burst), 30), "the next packet did not arrive"
+        assert [m.payload for m in received] == [*burst, b"one more"]
+    finally:
+        t.stop()
+        if conn is not None:
+            conn.close()
+        server.close()
+
+
+def test_a_flood_still_lets_pahos_loop_come_round() -> None:
+    """Packets read ahead are handed on in one pass of paho's loop, but a pass reads from the socket at most twice
+    however much keeps arriving: between passes the loop sends its PINGREQ and sees a request to stop."""
+    server = socket.create_server(("127.0.0.1", 0))
+    server.settimeout(30)
+    client = _Client(CallbackAPIVersion.VERSION2, client_id=unique_topic("flood"), protocol=mqtt.MQTTv311)
+    received: list[bytes] = []
+    client.on_message = lambda c, userdata, message: received.append(message.payload)
+    client.connect("127.0.0.1", server.getsockname()[1], 30)
+    conn, _ = server.accept()
+    try:
+        conn.settimeout(30)
+        assert read_packet(_BufferedReads(conn))[0] >> 4 == 1  # CONNECT
+        burst = [f"{i:06d}".encode() for i in range(30_000)]  # 630 kB, ten reads at least
+        flood = b"\x20\x02\x00\x00" + b"".join(publish_frame("flood/topic", payload) for payload in burst)
+        threading.Thread(target=conn.sendall, args=(flood,), daemon=True).start()
+        sock = client.socket()
+        assert isinstance(sock, _BufferedReads)
+        passes = 0
+        deadline = time.monotonic() + 60  # a stop for a broken loop, not a measure
+        while len(received) < len(burst) and time.monotonic() < deadline:
+            reads = sock.reads
+            assert client.loop(5) == MQTTErrorCode.MQTT_ERR_SUCCESS
+            assert sock.reads - reads <= 2
+            passes += 1
+        assert received == burst
+        assert passes < len(burst) / 10  # many packets a pass
+    finally:
+        client.disconnect()
+        conn.close()
+        server.close()
+
+
+needs_mosquitto = pytest.mark.skipif(mosquitto_binary() is None, reason="mosquitto is not installed")
+
+
+@pytest.fixture(params=["amqtt", pytest.param("mosquitto", marks=needs_mosquitto)])
+def broker_port(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[int]:
+    if request.param == "amqtt":
+        yield request.getfixturevalue("amqtt_broker").port
+        return
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    yield broker.port
+    broker.stop()
+
+
+def raw_publisher(port: int) -> socket.socket:
+    """A connected MQTT 3.1.1 client that writes its packets itself, so a burst leaves in one write."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+    client_id = unique_topic("burst").encode()
+    body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
+    sock.sendall(b"\x10" + remaining_length(len(body)) + body)
+    connack = b""
+    while len(connack) < 4:
+        chunk = sock.recv(4 - len(connack))
+        assert chunk, "the broker closed the connection"
+        connack += chunk
+    assert connack[0] == 0x20 and connack[3] == 0, f"refused: {connack!r}"
+    return sock
+
+
+def test_a_burst_of_small_publishes_all_arrive_and_so_does_the_next(broker_port: int) -> None:
+    base = unique_topic("flood")
+    # A retained marker shows when the transport's subscription is in place.
+    probe = Probe(broker_port).start()
+    probe.publish(f"{base}/marker", b"subscribed", retain=True)
+    probe.stop()
+    received: list[IncomingMessage] = []
+    arrived = threading.Condition()
+
+    def on_message(message: IncomingMessage) -> None:
+        with arrived:
+            received.append(message)
+            arrived.notify_all()
+
+    def burst_arrived(count: int) -> bool:
+        return sum(1 for m in received if m.topic == f"{base}/burst") >= count
+
+    t = MqttTransport(
+        MqttSettings(port=broker_port),
+        host="127.0.0.1",
+        availability_topic=None,
+        subscriptions=[Subscription(f"{base}/#", qos=0)],
+        on_message=on_message,
+        on_connected=lambda: None,
+        force_protocol="3.1.1",
+    )
+    t.start()
+    publisher = raw_publisher(broker_port)
+    try:
+        with arrived:
+            assert arrived.wait_for(lambda: any(m.topic == f"{base}/marker" for m in received), 30), "not subscribed"
+        sock = t._client.socket() if t._client else None
+        assert isinstance(sock, _BufferedReads)
+        # The transport's own socket options reach the real socket through the buffer.
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        burst = [f"{i:04d}".encode() for i in range(300)]
+        publisher.sendall(b"".join(publish_frame(f"{base}/burst", payload) for payload in burst))
+        with arrived:
+            assert arrived.wait_for(lambda: burst_arrived(len(burst)), 60), f"{len(received)} arrived"
+        publisher.sendall(publish_frame(f"{base}/after", b"one more"))
+        with arrived:
+            assert arrived.wait_for(lambda: any(m.topic == f"{base}/after" for m in received), 30), "no next message"
+        assert [m.payload for m in received if m.topic == f"{base}/burst"] == burst
+    finally:
+        publisher.sendall(b"\xe0\x00")  # DISCONNECT
+        publisher.close()
+        t.stop()

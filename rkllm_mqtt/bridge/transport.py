@@ -8,6 +8,7 @@
 - Reconnecting is paho's job (exponential ``reconnect_delay_set``); QoS 1 publishes made while
   disconnected stay in paho's queue and go out after the reconnect.
 - paho's callbacks run on its network thread and only hand messages on.
+- The broker's packets are read from the socket many at a time (``_BufferedReads``), not a few bytes per call.
 - With ``manual_ack`` a QoS 1 message is acknowledged only when its receiver settles it
   (:meth:`MqttTransport.settle`), in the order the messages arrived (:mod:`rkllm_mqtt.bridge.acks`): a message
   the daemon had not settled when it died is sent again by the broker. docs/reliability.md has the design.
@@ -50,6 +51,8 @@ MAX_INFLIGHT = 20
 MAX_UNSETTLED = 20
 # MQTT 5 user property on a prompt handed to a peer: a token that lets the peer recognise it when it comes again.
 HANDOFF_PROPERTY = "rkllm-handoff"
+# Packets read ahead are handed on in one pass of paho's loop, up to this many before pending writes go out.
+READ_BATCH = 64
 # Queued packets are written together, up to this many bytes per send() (paho sends them one by one).
 WRITE_BATCH_BYTES = 64 * 1024
 # Reason codes that mean "this broker does not speak MQTT 5" (v5 0x84, and 3.1.1's 1 read back).
@@ -77,6 +80,58 @@ class IncomingMessage:
 class Subscription:
     topic: str
     qos: int = 1
+
+
+# What one read from the broker's socket asks for: many small packets, or the start of a large one.
+_READ_BYTES = 65536
+
+
+class _BufferedReads:
+    """The broker's TCP socket, with recv() served from one large read.
+
+    paho reads a packet with one recv() for its first byte, one for each byte of its length and one for the rest:
+    three system calls for every small PUBLISH. Here one read takes whatever has arrived (up to 64 KiB) and the
+    recv() calls after it are answered from it. The bytes kept here have already left the socket, so select()
+    would not report them: paho's loop asks pending() first and reads them without waiting. Only an empty buffer
+    reads from the socket, so its EAGAIN, end of stream and errors reach paho as before, after the packets that
+    arrived ahead of them. Everything else is the socket's own.
+    """
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buffer = b""
+        self._pos = 0
+        self.reads = 0  # from the socket
+
+    def recv(self, bufsize: int) -> bytes:
+        if self._pos == len(self._buffer):
+            self.reads += 1
+            data = self._sock.recv(max(bufsize, _READ_BYTES))
+            if len(data) <= bufsize:
+                return data
+            self._buffer, self._pos = data, 0
+        start = self._pos
+        self._pos = min(start + bufsize, len(self._buffer))
+        return self._buffer[start : self._pos]
+
+    def pending(self) -> int:
+        return len(self._buffer) - self._pos
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def send(self, data: bytes | bytearray) -> int:
+        return self._sock.send(data)
+
+    def setblocking(self, flag: bool) -> None:
+        self._sock.setblocking(flag)
+
+    def close(self) -> None:
+        self._buffer, self._pos = b"", 0
+        self._sock.close()
+
+    def __getattr__(self, name: str) -> Any:  # setsockopt, getpeername, shutdown...
+        return getattr(self._sock, name)
 
 
 class _Client(mqtt.Client):
@@ -110,8 +165,34 @@ class _Client(mqtt.Client):
                 self._gate_held = False
                 self.publish_gate.release()
 
+    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
+        # paho reads one packet per pass of its loop (or one per message in flight) and goes round select() again:
+        # a system call, and with it a wait for the interpreter lock while the dispatcher runs, for each small
+        # packet, even when the next ones are already read ahead. A pass now hands on what the buffer holds: up to
+        # READ_BATCH packets before what waits to be sent (a publish from another thread, an acknowledgement) goes
+        # out, more when nothing waits, and at most two reads from the socket (a packet may be cut at the end of a
+        # read), so under a steady flood paho's loop still comes round to send its PINGREQ and to stop when asked.
+        sock = self._sock
+        if not isinstance(sock, _BufferedReads):
+            return super().loop_read(max_packets)
+        reads = sock.reads
+        rc = super().loop_read(max_packets)
+        passes = 1
+        # A closed socket (paho closes it on an error, and may replace it later) has nothing pending.
+        while (
+            rc == MQTTErrorCode.MQTT_ERR_SUCCESS
+            and sock.pending()
+            and sock.reads - reads < 2
+            and (passes < READ_BATCH or not self.want_write())
+        ):
+            rc = super().loop_read(max_packets)
+            passes += 1
+        return rc
+
     def _create_socket(self) -> Any:
         sock = super()._create_socket()  # the TCP (and TLS) connect, outside the gate
+        if type(sock) is socket.socket:  # not TLS (its own buffer and pending()), websockets or a SOCKS proxy
+            sock = _BufferedReads(sock)
         self.publish_gate.acquire()
         self._gate_held = True
         return sock
@@ -121,25 +202,6 @@ class _Client(mqtt.Client):
             self.loop_forever(timeout=self.loop_timeout_s, retry_first_connection=True)
         finally:
             self._thread = None
-
-    # paho reads as many packets per wake-up as it has QoS 1 and 2 messages in flight, and one when it has none.
-    # A burst of QoS 0 prompts then cost a select() per message, and with it a wait for the interpreter lock
-    # while the dispatcher thread was busy answering: the reading fell far behind the broker. Up to this many
-    # packets are read per wake-up, fewer when the socket runs dry.
-    read_batch = 100
-
-    def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        if self._sock is None:
-            return MQTTErrorCode.MQTT_ERR_NO_CONN
-        for _ in range(max(self.read_batch, len(self._out_messages) + len(self._in_messages))):
-            if self._sock is None:
-                return MQTTErrorCode.MQTT_ERR_NO_CONN
-            rc = self._packet_read()
-            if rc > 0:
-                return self._loop_rc_handle(rc)
-            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
-                break
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _packet_write(self) -> MQTTErrorCode:
         """paho's writer, sending the queued packets together (up to ``WRITE_BATCH_BYTES`` per call).
