@@ -36,6 +36,7 @@ from rkllm_mqtt.bridge.acks import Delivery
 from rkllm_mqtt.bridge.cluster import PeerTable
 from rkllm_mqtt.bridge.dispatcher import Deadline, Dispatcher
 from rkllm_mqtt.bridge.extension import Extension
+from rkllm_mqtt.bridge.group_sync import GroupSync
 from rkllm_mqtt.bridge.ledger import SettledLedger
 from rkllm_mqtt.bridge.memory import release_free_memory
 from rkllm_mqtt.bridge.publisher import Publisher
@@ -153,6 +154,8 @@ class MqttDoor:
         self._state_lock = threading.Lock()  # retained state goes out in the order its snapshots were taken
         self._overflowed = 0
         self.ledger = ledger
+        # Acknowledgements wait for the ledger's sync on a thread of their own (without a ledger, nothing to sync).
+        self._synced = GroupSync(ledger.sync if ledger is not None else _nothing_to_sync)
         self._acks: Settling | None = None
         # QoS 1 deliveries waiting for their request's final, by request id (the dispatcher adds, the runner takes).
         self._unsettled: dict[str, list[Delivery]] = {}
@@ -202,11 +205,13 @@ class MqttDoor:
         self._started_monotonic = time.monotonic()
         for extension in self.extensions:
             extension.start(self)
+        self._synced.start()
         self.dispatcher.start()
 
     def stop(self) -> None:
         """Stop the dispatcher (after what it holds) and the extensions. The scheduler is stopped before."""
         self.dispatcher.stop()
+        self._synced.stop()  # what waits is acknowledged; later acknowledgements sync on their own thread
         for extension in self.extensions:
             extension.stop()
         self.on_change()
@@ -499,13 +504,19 @@ class MqttDoor:
             log.error("ledger_write_failed", handoff=token, error=str(exc))
 
     def _final_acknowledged(self, request_id: str, deliveries: list[Delivery]) -> None:
-        """The broker has the final (paho's thread): the request is settled, its prompts are acknowledged."""
+        """The broker has the final (paho's thread): the request is settled; its prompts are acknowledged once the
+        ledger is on disk (one sync for every final acknowledged meanwhile, off paho's thread)."""
         if self.ledger is not None:
             try:
                 self.ledger.settle(request_id, durable=False)
-                self.ledger.sync()  # on disk before the broker is told: one sync covers every final acknowledged since
             except (OSError, ValueError) as exc:
                 log.error("ledger_write_failed", request_id=request_id, error=str(exc))
+            if deliveries:
+                self._synced.after_sync(partial(self._settle_all, deliveries))
+            return
+        self._settle_all(deliveries)
+
+    def _settle_all(self, deliveries: list[Delivery]) -> None:
         for delivery in deliveries:
             self._settle(delivery)
 
@@ -780,6 +791,10 @@ class MqttDoor:
                 handled=handled,
                 overflowed=self._overflowed,
             )
+
+
+def _nothing_to_sync() -> None:
+    pass
 
 
 def _valid_token(token: str | None) -> str | None:
