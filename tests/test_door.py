@@ -19,6 +19,8 @@ import pytest
 from rkllm_mqtt.bridge.acks import Delivery
 from rkllm_mqtt.bridge.door import MqttDoor, _Connected
 from rkllm_mqtt.bridge.ledger import SettledLedger
+from rkllm_mqtt.bridge.publisher import MAX_BACKLOG
+from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.bridge.transport import IncomingMessage
 from rkllm_mqtt.core.scheduler import Scheduler
 from rkllm_mqtt.errors import RequestError
@@ -76,6 +78,7 @@ class RecordingTransport:
         response_topic: str | None = None,
         on_acked: Callable[[], None] | None = None,
         handoff: str | None = None,
+        expiry_s: int | None = None,
     ) -> object:
         with self._cond:
             self.sent.append(Sent(topic, payload, retain, correlation_data))
@@ -86,6 +89,10 @@ class RecordingTransport:
         if on_acked is not None:
             on_acked()
         return object()
+
+    @property
+    def expires_messages(self) -> bool:  # as on MQTT 5: retained finals carry an expiry
+        return True
 
     def on(self, topic: str) -> list[Sent]:
         with self._cond:
@@ -454,5 +461,23 @@ def test_an_abort_that_overtakes_its_prompt_still_aborts_it() -> None:
         rig.prompt('{"id": "late", "prompt": "again"}')  # remembered once: the id may be used again
         assert rig.transport.on(f"{ROOT}/response/late/status")[-1].json()["status"] == "queued"
         rig.send(f"{ROOT}/abort", "")
+    finally:
+        rig.scheduler.shutdown(WAIT_S)
+
+
+def test_in_a_flood_a_refusal_is_answered_by_its_final_alone_and_not_kept_retained() -> None:
+    rig = make_rig()
+    rig.door.attach(rig.transport, RetainedFinals(rig.transport, 60), acks=rig.transport)
+    try:
+        rig.prompt(json.dumps({"id": "calm", "prompt": 5}))
+        calm = rig.transport.wait_for(f"{ROOT}/response/calm")
+        assert calm.retain and calm.json()["error"]["code"] == "invalid_request"
+        errors = len(rig.transport.on(f"{ROOT}/error"))
+        assert errors == 1
+        rig.transport.backlog = MAX_BACKLOG  # the broker is behind by that many publications
+        rig.prompt(json.dumps({"id": "flood", "prompt": 5}))
+        flood = rig.transport.wait_for(f"{ROOT}/response/flood")
+        assert not flood.retain and flood.json()["error"]["code"] == "invalid_request"
+        assert len(rig.transport.on(f"{ROOT}/error")) == errors  # the final alone
     finally:
         rig.scheduler.shutdown(WAIT_S)

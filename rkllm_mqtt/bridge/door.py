@@ -730,8 +730,9 @@ class MqttDoor:
     ) -> None:
         """The final response; the prompts it answers are acknowledged once the broker has it.
 
-        ``cheap`` (a rejection while the broker is behind): only the final, at QoS 0 when the prompt came at QoS 0
-        (it never had a message id to wait for, and cannot run paho out of message ids either)."""
+        ``cheap`` (a rejection while the broker is behind): only the final, not kept retained, at QoS 0 when the
+        prompt came at QoS 0 (it never had a message id to wait for, and cannot run paho out of message ids
+        either)."""
         assert self.publisher is not None
         reply = self.publisher.reply_topics(final.id, reply_topic)
         payload = final.to_json()
@@ -743,7 +744,8 @@ class MqttDoor:
                 self._record_handoff(handoff)
             on_acked = partial(self._final_acknowledged, final.id, list(deliveries))
         qos = 0 if cheap and not deliveries else 1
-        self.publisher.final(reply, final, correlation, qos=qos, on_acked=on_acked, payload=payload)
+        # A cheap final is not kept retained either: in a flood the broker would otherwise hold one per prompt.
+        self.publisher.final(reply, final, correlation, qos=qos, on_acked=on_acked, payload=payload, retained=not cheap)
         if record_last:
             self._last_final = final
             self.publisher.last(final)

@@ -64,16 +64,21 @@ class Publisher:
         qos: int = 1,
         on_acked: Callable[[], None] | None = None,
         payload: bytes | None = None,
+        retained: bool = True,
     ) -> None:
         """``on_acked`` runs once the broker has the final (the request is then settled); ``payload`` is the final
-        already serialized (the bytes that were recorded before publishing)."""
+        already serialized (the bytes that were recorded before publishing); ``retained``: kept retained a while
+        for a late subscriber (QoS 1 only)."""
         data = payload if payload is not None else response.to_json()
-        if self._send_final(reply.final, data, correlation, qos, on_acked) is not None:
+        if self._send_final(reply.final, data, correlation, qos, on_acked, retained=retained) is not None:
             return
         # The transport refused it (and logged why): a final the broker would not take. The request is still
         # answered, on its default topic, and without its text when the text is what made it too large.
         default = self.topics.response(response.id)
-        if default != reply.final and self._send_final(default, data, None, qos, on_acked) is not None:
+        if (
+            default != reply.final
+            and self._send_final(default, data, None, qos, on_acked, retained=retained) is not None
+        ):
             return
         stripped = response.model_copy(
             update={
@@ -86,13 +91,23 @@ class Publisher:
                 ),
             }
         )
-        if self._send_final(default, stripped.to_json(), None, qos, on_acked) is None and on_acked is not None:
+        if (
+            self._send_final(default, stripped.to_json(), None, qos, on_acked, retained=retained) is None
+            and on_acked is not None
+        ):
             on_acked()  # nothing the broker takes: the request is as settled as it can be
 
     def _send_final(
-        self, topic: str, payload: bytes, correlation: bytes | None, qos: int, on_acked: Callable[[], None] | None
+        self,
+        topic: str,
+        payload: bytes,
+        correlation: bytes | None,
+        qos: int,
+        on_acked: Callable[[], None] | None,
+        *,
+        retained: bool,
     ) -> object:
-        if self.finals is not None and qos > 0:  # retained for a while, so a late subscriber still gets it
+        if self.finals is not None and qos > 0 and retained:  # retained a while, so a late subscriber still gets it
             if on_acked is None:
                 return self.finals.publish(topic, payload, correlation)
             return self.finals.publish(topic, payload, correlation, on_acked=on_acked)
