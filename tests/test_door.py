@@ -475,9 +475,11 @@ def test_in_a_flood_a_refusal_is_answered_by_its_final_alone_and_not_kept_retain
         errors = len(rig.transport.on(f"{ROOT}/error"))
         assert errors == 1
         rig.transport.backlog = MAX_BACKLOG  # the broker is behind by that many publications
-        rig.prompt(json.dumps({"id": "flood", "prompt": 5}))
-        flood = rig.transport.wait_for(f"{ROOT}/response/flood")
-        assert not flood.retain and flood.json()["error"]["code"] == "invalid_request"
+        for qos in (0, 1):
+            delivery = Delivery(mid=9, epoch=0) if qos else None
+            rig.prompt(json.dumps({"id": f"flood{qos}", "prompt": 5}), qos=qos, delivery=delivery)
+            flood = rig.transport.wait_for(f"{ROOT}/response/flood{qos}")
+            assert not flood.retain and flood.json()["error"]["code"] == "invalid_request"
         assert len(rig.transport.on(f"{ROOT}/error")) == errors  # the final alone
     finally:
         rig.scheduler.shutdown(WAIT_S)
