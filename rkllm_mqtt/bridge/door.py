@@ -504,16 +504,21 @@ class MqttDoor:
             log.error("ledger_write_failed", handoff=token, error=str(exc))
 
     def _final_acknowledged(self, request_id: str, deliveries: list[Delivery]) -> None:
-        """The broker has the final (paho's thread): the request is settled; its prompts are acknowledged once the
-        ledger is on disk (one sync for every final acknowledged meanwhile, off paho's thread)."""
-        if self.ledger is not None:
-            try:
-                self.ledger.settle(request_id, durable=False)
-            except (OSError, ValueError) as exc:
-                log.error("ledger_write_failed", request_id=request_id, error=str(exc))
-            if deliveries:
-                self._synced.after_sync(partial(self._settle_all, deliveries))
+        """The broker has the final (paho's thread, which only hands it on): the request is settled, and its prompts
+        are acknowledged once the ledger is on disk (one sync for every final acknowledged meanwhile)."""
+        if self.ledger is None:
+            self._settle_all(deliveries)
             return
+        self._synced.after_sync(partial(self._record_settled, request_id, deliveries))
+
+    def _record_settled(self, request_id: str, deliveries: list[Delivery]) -> None:
+        """After the sync that put the final's record on disk: the settled mark (a power cut that loses it only
+        makes the next start publish that final once more), then the acknowledgements."""
+        assert self.ledger is not None
+        try:
+            self.ledger.settle(request_id, durable=False)
+        except (OSError, ValueError) as exc:
+            log.error("ledger_write_failed", request_id=request_id, error=str(exc))
         self._settle_all(deliveries)
 
     def _settle_all(self, deliveries: list[Delivery]) -> None:
