@@ -50,6 +50,7 @@ class RecordingTransport:
     def __init__(self) -> None:
         self.sent: list[Sent] = []
         self.backlog = 0
+        self.unsent = 0
         self._cond = threading.Condition()
         self.hold_acks = False
         self.held: list[tuple[str, Callable[[], None]]] = []

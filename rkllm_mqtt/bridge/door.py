@@ -39,6 +39,7 @@ from rkllm_mqtt.bridge.extension import Extension
 from rkllm_mqtt.bridge.group_sync import GroupSync
 from rkllm_mqtt.bridge.ledger import SettledLedger
 from rkllm_mqtt.bridge.memory import release_free_memory
+from rkllm_mqtt.bridge.outgoing import forget_checked_topics
 from rkllm_mqtt.bridge.publisher import Publisher
 from rkllm_mqtt.bridge.publishing import Publishing
 from rkllm_mqtt.bridge.reporter import MqttJobReporter
@@ -255,9 +256,13 @@ class MqttDoor:
         """Dispatcher thread: the inbox has drained; once the answers have left too (or after a minute of
         trying), give the flood's heap back."""
         assert self.publisher is not None
-        if self.publisher.transport.backlog > 0 and tries < _RELEASE_TRIES:
+        transport = self.publisher.transport
+        # The QoS 0 answers count too: in a flood of QoS 0 prompts most answers are QoS 0, and released before
+        # they were written, the memory they held afterwards stayed with the process.
+        if (transport.backlog > 0 or transport.unsent > 0) and tries < _RELEASE_TRIES:
             self.dispatcher.call_later(_RELEASE_RETRY_S, partial(self._release_after_flood, tries + 1))
             return
+        forget_checked_topics()
         release_free_memory()
 
     def _refresh_state(self) -> None:

@@ -29,6 +29,12 @@ def _remembered_topic_problem(topic: str) -> str | None:
     return topic_name_problem(topic)
 
 
+def forget_checked_topics() -> None:
+    """Empty the cache of checked topics. After a flood it holds the reply topics of the last requests answered,
+    which nothing will publish to again; scattered through the memory the flood used, they keep it allocated."""
+    _remembered_topic_problem.cache_clear()
+
+
 def _topic_problem(topic: str) -> str | None:
     if len(topic) <= _REMEMBERED_TOPIC_CHARS:
         return _remembered_topic_problem(topic)

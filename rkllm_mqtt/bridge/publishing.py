@@ -36,6 +36,11 @@ class Publishing(Publish, Protocol):
         """QoS 1 messages the broker has not acknowledged yet."""
         ...
 
+    @property
+    def unsent(self) -> int:
+        """Packets (QoS 0 ones too) not yet written to the broker's connection."""
+        ...
+
 
 class ExpiringPublishing(Publish, Protocol):
     """The part of the transport that retained finals need."""

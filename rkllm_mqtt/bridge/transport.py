@@ -494,6 +494,12 @@ class MqttTransport:
         """QoS 1 messages not yet acknowledged by the broker: paho's queue, which nothing else bounds."""
         return self._unacked
 
+    @property
+    def unsent(self) -> int:
+        """Packets built and not yet written to the socket, QoS 0 ones included (``backlog`` counts QoS 1 only)."""
+        client = self._client
+        return len(client._out_packet) if client is not None else 0
+
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
         delivery = self._acks.arrived(message.mid) if self.manual_ack and message.qos > 0 else None
         props = getattr(message, "properties", None)
