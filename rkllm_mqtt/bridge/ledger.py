@@ -232,11 +232,24 @@ class SettledLedger:
         self._append(request_id, pending, durable=durable)
 
     def sync(self) -> None:
-        """Put every record written so far on the disk (one ``fdatasync`` for all of them; none when clean)."""
+        """Put every record written so far on the disk (one ``fdatasync`` for all of them; none when clean).
+
+        The flush runs without the lock, on a duplicate of the descriptor: appends go on meanwhile (the next sync
+        covers them) instead of waiting for the disk, and a rewrite that replaces the file meanwhile syncs the
+        new file itself."""
         with self._lock:
-            if self._fd is not None and self._unsynced:
-                os.fdatasync(self._fd)
-                self._unsynced = False
+            if self._fd is None or not self._unsynced:
+                return
+            fd = os.dup(self._fd)
+            self._unsynced = False
+        try:
+            os.fdatasync(fd)
+        except OSError:
+            with self._lock:
+                self._unsynced = True
+            raise
+        finally:
+            os.close(fd)
 
     def unsettled_finals(self) -> list[PendingFinal]:
         """Finals recorded and not known to have reached the broker (from before a crash): publish them again."""
