@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from rkllm_mqtt.bridge.acks import Delivery
-from rkllm_mqtt.bridge.door import MqttDoor, _Connected
+from rkllm_mqtt.bridge.door import FAST_REFUSALS_PER_S, EventRate, MqttDoor, _Connected
 from rkllm_mqtt.bridge.ledger import SettledLedger
 from rkllm_mqtt.bridge.publisher import MAX_BACKLOG
 from rkllm_mqtt.bridge.retained_finals import RetainedFinals
@@ -482,5 +482,31 @@ def test_in_a_flood_a_refusal_is_answered_by_its_final_alone_and_not_kept_retain
             flood = rig.transport.wait_for(f"{ROOT}/response/flood{qos}")
             assert not flood.retain and flood.json()["error"]["code"] == "invalid_request"
         assert len(rig.transport.on(f"{ROOT}/error")) == errors  # the final alone
+    finally:
+        rig.scheduler.shutdown(WAIT_S)
+
+
+def test_the_refusal_rate_counts_about_one_second() -> None:
+    clock = [100.0]
+    rate = EventRate(3, clock=lambda: clock[0])
+    assert [rate.add() for _ in range(4)] == [False, False, False, True]
+    clock[0] = 101.5  # the previous second counts for the half still in the window: 2 of its 4
+    assert not rate.add() and rate.add()  # 2 + 1, then 2 + 2
+    clock[0] = 103.0  # more than a second of silence
+    assert not rate.fast()
+
+
+def test_refusals_coming_fast_are_answered_by_their_final_alone() -> None:
+    rig = make_rig()
+    rig.door._refusals = EventRate(FAST_REFUSALS_PER_S, clock=lambda: 100.25)  # all of them within one second
+    try:
+        count = FAST_REFUSALS_PER_S * 3
+        for n in range(count):  # a flood of malformed prompts, faster than any client makes mistakes
+            rig.prompt(json.dumps({"id": f"bad{n}", "prompt": 5}))
+        finals = [rig.transport.on(f"{ROOT}/response/bad{n}") for n in range(count)]
+        assert all(len(f) == 1 and f[0].json()["error"]["code"] == "invalid_request" for f in finals)
+        # Error events and state updates for the first ones; past the rate, the finals alone.
+        assert FAST_REFUSALS_PER_S - 5 <= len(rig.transport.on(f"{ROOT}/error")) <= FAST_REFUSALS_PER_S + 1
+        assert len(rig.transport.on(f"{ROOT}/state")) <= FAST_REFUSALS_PER_S + 2
     finally:
         rig.scheduler.shutdown(WAIT_S)

@@ -88,6 +88,9 @@ _OVERFLOW_LOG_EVERY = 1000
 # An inbox this deep is a flood, not traffic: the newest message is handled first (a request sent after the flood
 # is not made to wait for all of it), and memory is given back once it has drained.
 _DEEP_INBOX = 1000
+# Refused requests per second past which they are answered cheaply (their final alone) and the state is not
+# published per change: no client refuses itself this often by mistake; a flood does.
+FAST_REFUSALS_PER_S = 50
 # How often a held-back state publish looks again whether the broker has caught up.
 _STATE_RETRY_S = 0.2
 # How often, after a flood, the door looks whether its answers have left so that memory can be given back.
@@ -99,6 +102,38 @@ _HEALTH: dict[RuntimeStatus, HealthStatus] = {
     "loading": "degraded",
     "restarting": "degraded",
 }
+
+
+class EventRate:
+    """Whether more than ``limit`` events came within about a second: the count of this whole second plus the
+    previous one's share of the second still in the window. Races between threads only blur the count."""
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.clock = clock
+        self._second = 0
+        self._count = 0
+        self._previous = 0
+
+    def add(self) -> bool:
+        """Count one event; True when the rate is past the limit."""
+        self._roll()
+        self._count += 1
+        return self._over()
+
+    def fast(self) -> bool:
+        self._roll()
+        return self._over()
+
+    def _roll(self) -> None:
+        now = int(self.clock())
+        if now != self._second:
+            self._previous = self._count if now == self._second + 1 else 0
+            self._second, self._count = now, 0
+
+    def _over(self) -> bool:
+        elapsed = self.clock() % 1.0
+        return self._count + self._previous * (1.0 - elapsed) > self.limit
 
 
 class Settling(Protocol):
@@ -164,6 +199,7 @@ class MqttDoor:
         # Hand-off tokens of pending requests a peer passed on, by request id: recorded with the final.
         self._handoffs: dict[str, str] = {}
         self._rejected_quietly = 0  # rejections answered with the final alone, while the broker was behind
+        self._refusals = EventRate(FAST_REFUSALS_PER_S)  # refusals per second: past the limit, a flood
         self._state_refresh_pending = False  # a state publish held back while the broker is behind
         self._flooded = False  # the inbox ran deep: memory is given back once it is empty again
         self._replayed = False  # unsettled finals of a previous run go out once, on the first connect
@@ -237,12 +273,13 @@ class MqttDoor:
     def on_change(self) -> None:
         """The scheduler's observer: its snapshot changed. Any thread.
 
-        While the broker is behind, the retained state is not published per change (a flood of rejections would
-        add one message each): one refresh is left to the dispatcher, which publishes the latest state once the
-        broker has caught up."""
+        While the broker is behind, or requests are being refused fast, the retained state is not published per
+        change (a flood of rejections would add one message each): one refresh is left to the dispatcher, which
+        publishes the latest state a moment later (at most ``1 / _STATE_RETRY_S`` times a second) once the broker
+        has caught up."""
         if self.publisher is None:
             return
-        if self.publisher.congested():
+        if self.publisher.congested() or self._refusals.fast():
             with self._state_lock:
                 if self._state_refresh_pending:
                     return
@@ -376,7 +413,7 @@ class MqttDoor:
                 self._flooded = False
                 self._release_after_flood()
         elif isinstance(item, _RefreshState):
-            self._refresh_state()
+            self.dispatcher.call_later(_STATE_RETRY_S, self._refresh_state)  # the changes of that moment in one
         elif isinstance(item, _Connected):
             self._replay_unsettled_finals()
             self.republish_status()
@@ -686,7 +723,8 @@ class MqttDoor:
         assert self.publisher is not None
         if not counted:
             self.scheduler.record_rejection(rejection.code)
-        congested = self.publisher.congested()
+        fast = self._refusals.add()
+        congested = self.publisher.congested() or fast
         if congested:
             self._rejected_quietly += 1
             if self._rejected_quietly % _OVERFLOW_LOG_EVERY == 1:
