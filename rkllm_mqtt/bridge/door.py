@@ -76,8 +76,10 @@ log = structlog.get_logger(__name__)
 _ID_RE = re.compile(ID_PATTERN)
 _TOKEN_RE = re.compile(r"^[0-9a-f]{32}$")
 
-# Messages waiting for the dispatcher; past this, prompts are answered queue_full from paho's thread.
-INBOX_SIZE = 10000
+# Messages waiting for the dispatcher; past this, prompts are answered queue_full from paho's thread. Large enough
+# for a flood of 50,000 prompts to be read at once (about 20 MB while it lasts): answering on paho's thread slows
+# its reading, and a request sent after the flood is read only once the flood has been.
+INBOX_SIZE = 50000
 # An abort by id whose prompt has not arrived yet is remembered this long (and at most this many): prompts and
 # control messages come on two connections, and the broker may hold a prompt back behind its in-flight window
 # while the abort sent after it arrives at once.
