@@ -4,8 +4,9 @@
 
 For each QoS: the daemon's resident memory while idle; the flood (``--count`` small JSON requests with ids,
 published back to back by one client); a probe request published by another client as soon as the flood is out
-of the first; how long the probe's client waits for its final, on its own reply topic; how many flood requests got a final (and which codes); the daemon's
-``mqtt_publish_failed`` log lines; its memory right after and once everything went quiet.
+of the first; how long the probe's client waits for its final, on its own reply topic, and when the daemon made
+that final; how many flood requests got a final (and which codes); the daemon's ``mqtt_publish_failed`` log
+lines; its memory right after and once everything went quiet.
 
 Invariants (exit status 1 when one fails): the probe is answered within ``--probe-s`` (2 s) of the flood's end;
 every flood request that reached the daemon gets a final; memory returns to idle + ``--rss-mb`` (10 MB).
