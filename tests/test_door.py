@@ -17,9 +17,10 @@ from typing import Any
 import pytest
 
 from rkllm_mqtt.bridge.acks import Delivery
-from rkllm_mqtt.bridge.door import FAST_REFUSALS_PER_S, EventRate, MqttDoor, _Connected
+from rkllm_mqtt.bridge.door import FAST_REFUSALS_PER_S, MqttDoor, _Connected
 from rkllm_mqtt.bridge.ledger import SettledLedger
 from rkllm_mqtt.bridge.publisher import MAX_BACKLOG
+from rkllm_mqtt.bridge.rate import EventRate
 from rkllm_mqtt.bridge.retained_finals import RetainedFinals
 from rkllm_mqtt.bridge.transport import IncomingMessage
 from rkllm_mqtt.core.scheduler import Scheduler
@@ -484,16 +485,6 @@ def test_in_a_flood_a_refusal_is_answered_by_its_final_alone_and_not_kept_retain
         assert len(rig.transport.on(f"{ROOT}/error")) == errors  # the final alone
     finally:
         rig.scheduler.shutdown(WAIT_S)
-
-
-def test_the_refusal_rate_counts_about_one_second() -> None:
-    clock = [100.0]
-    rate = EventRate(3, clock=lambda: clock[0])
-    assert [rate.add() for _ in range(4)] == [False, False, False, True]
-    clock[0] = 101.5  # the previous second counts for the half still in the window: 2 of its 4
-    assert not rate.add() and rate.add()  # 2 + 1, then 2 + 2
-    clock[0] = 103.0  # more than a second of silence
-    assert not rate.fast()
 
 
 def test_refusals_coming_fast_are_answered_by_their_final_alone() -> None:

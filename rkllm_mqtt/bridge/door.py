@@ -42,6 +42,7 @@ from rkllm_mqtt.bridge.memory import release_free_memory
 from rkllm_mqtt.bridge.outgoing import forget_checked_topics
 from rkllm_mqtt.bridge.publisher import Publisher
 from rkllm_mqtt.bridge.publishing import Publishing
+from rkllm_mqtt.bridge.rate import EventRate
 from rkllm_mqtt.bridge.reporter import MqttJobReporter
 from rkllm_mqtt.bridge.requests import (
     Rejection,
@@ -104,38 +105,6 @@ _HEALTH: dict[RuntimeStatus, HealthStatus] = {
     "loading": "degraded",
     "restarting": "degraded",
 }
-
-
-class EventRate:
-    """Whether more than ``limit`` events came within about a second: the count of this whole second plus the
-    previous one's share of the second still in the window. Races between threads only blur the count."""
-
-    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.limit = limit
-        self.clock = clock
-        self._second = 0
-        self._count = 0
-        self._previous = 0
-
-    def add(self) -> bool:
-        """Count one event; True when the rate is past the limit."""
-        self._roll()
-        self._count += 1
-        return self._over()
-
-    def fast(self) -> bool:
-        self._roll()
-        return self._over()
-
-    def _roll(self) -> None:
-        now = int(self.clock())
-        if now != self._second:
-            self._previous = self._count if now == self._second + 1 else 0
-            self._second, self._count = now, 0
-
-    def _over(self) -> bool:
-        elapsed = self.clock() % 1.0
-        return self._count + self._previous * (1.0 - elapsed) > self.limit
 
 
 class Settling(Protocol):
