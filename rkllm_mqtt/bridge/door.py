@@ -213,7 +213,8 @@ class MqttDoor:
         self._started_monotonic = time.monotonic()
         for extension in self.extensions:
             extension.start(self)
-        self._synced.start()
+        if self.ledger is not None:  # without a ledger nothing waits for a sync
+            self._synced.start()
         self.dispatcher.start()
 
     def stop(self) -> None:
