@@ -137,3 +137,23 @@ def test_in_a_flood_the_newest_message_goes_first_and_every_message_is_still_han
         dispatcher.stop()
     # Control first; then newest first while more than 3 wait (9, 8, 7, 6, 5, 4, 3 leave 0, 1, 2), then in order.
     assert handled == ["blocker", "control", 9, 8, 7, 6, 5, 4, 3, 0, 1, 2]
+
+
+def test_offer_refuses_past_the_bytes_it_may_hold_but_takes_one_large_message_alone() -> None:
+    dispatcher: Dispatcher[object] = Dispatcher(Recorder(), capacity=100, capacity_bytes=1000)  # not started
+    assert dispatcher.offer("huge", 5000)  # alone in the inbox: taken, or it could never be answered
+    assert not dispatcher.offer("small", 10)
+    started = Recorder()
+    started.until = "c"
+    running: Dispatcher[object] = Dispatcher(started, capacity=100, capacity_bytes=1000)
+    assert running.offer("a", 600) and running.offer("b", 400)
+    assert not running.offer("c", 1)
+    running.start()
+    try:
+        while running.depth:  # handled: their bytes are given back
+            threading.Event().wait(0.001)
+        assert running.offer("c", 1000)
+        assert started.done.wait(WAIT_S)
+        assert started.items == ["a", "b", "c"]
+    finally:
+        running.stop()

@@ -65,15 +65,19 @@ class Dispatcher(Generic[Item]):
         name: str = "mqtt-dispatch",
         clock: Callable[[], float] = time.monotonic,
         newest_first_above: int | None = None,
+        capacity_bytes: int | None = None,
     ) -> None:
         self.handle = handle
         self.capacity = capacity
+        self.capacity_bytes = capacity_bytes
         self.name = name
         self.clock = clock
         self.newest_first_above = newest_first_above
         # Items sit in two deques (appends and pops are atomic); the doorbell holds one token per item and is
         # what the thread waits on. An item is appended before its token is rung, so a token always finds one.
-        self._messages: deque[Item] = deque()
+        self._messages: deque[tuple[Item, int]] = deque()
+        self._bytes = 0  # the sizes offered with the messages waiting
+        self._bytes_lock = threading.Lock()
         self._control: deque[Item | _Stop] = deque()
         self._doorbell: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._deadlines: list[Deadline] = []
@@ -83,11 +87,16 @@ class Dispatcher(Generic[Item]):
 
     # -- any thread ---------------------------------------------------------------------------------------
 
-    def offer(self, item: Item) -> bool:
-        """Queue ``item`` unless ``capacity`` messages wait already. Never blocks."""
+    def offer(self, item: Item, size: int = 0) -> bool:
+        """Queue ``item`` unless ``capacity`` messages, or ``capacity_bytes`` of them (``size`` each), wait
+        already; a message alone in the inbox is taken whatever its size. Never blocks."""
         if len(self._messages) >= self.capacity:
             return False
-        self._messages.append(item)
+        with self._bytes_lock:
+            if self.capacity_bytes is not None and self._messages and self._bytes + size > self.capacity_bytes:
+                return False
+            self._bytes += size
+        self._messages.append((item, size))
         self._doorbell.put(None)
         return True
 
@@ -141,7 +150,7 @@ class Dispatcher(Generic[Item]):
                 continue
             if isinstance(item, _Stop):
                 while self._messages:  # what was queued before the stop is still handled, in arrival order
-                    self._run_item(self._messages.popleft())
+                    self._run_item(self._taken(self._messages.popleft()))
                 return
             self._run_item(item)
 
@@ -153,8 +162,15 @@ class Dispatcher(Generic[Item]):
         if self._control:
             return self._control.popleft()
         if self.newest_first_above is not None and len(self._messages) > self.newest_first_above:
-            return self._messages.pop()
-        return self._messages.popleft()
+            return self._taken(self._messages.pop())
+        return self._taken(self._messages.popleft())
+
+    def _taken(self, entry: tuple[Item, int]) -> Item:
+        item, size = entry
+        if size:
+            with self._bytes_lock:
+                self._bytes -= size
+        return item
 
     def _run_item(self, item: Item) -> None:
         self._run(partial(self.handle, item), "item", type(item).__name__)

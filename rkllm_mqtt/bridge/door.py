@@ -77,6 +77,9 @@ log = structlog.get_logger(__name__)
 _ID_RE = re.compile(ID_PATTERN)
 _TOKEN_RE = re.compile(r"^[0-9a-f]{32}$")
 
+# Payload bytes waiting for the dispatcher: a broker may pass messages of up to 256 MB (Mosquitto's default
+# limit), so the count alone bounds nothing. Past this too, prompts are answered from paho's thread.
+INBOX_BYTES = 64 * 1024 * 1024
 # Messages waiting for the dispatcher; past this, prompts are answered queue_full from paho's thread. Large enough
 # for a flood of 50,000 prompts to be read at once (about 20 MB while it lasts): answering on paho's thread slows
 # its reading, and a request sent after the flood is read only once the flood has been.
@@ -153,7 +156,7 @@ class MqttDoor:
         self.peers = PeerTable(self.topics)
         self.publisher: Publisher | None = None
         self.dispatcher: Dispatcher[InboxItem] = Dispatcher(
-            self._handle, capacity=inbox_size, newest_first_above=_DEEP_INBOX
+            self._handle, capacity=inbox_size, newest_first_above=_DEEP_INBOX, capacity_bytes=INBOX_BYTES
         )
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
@@ -229,7 +232,7 @@ class MqttDoor:
 
     def on_message(self, message: IncomingMessage) -> None:
         """paho's thread."""
-        if not self.dispatcher.offer(message):
+        if not self.dispatcher.offer(message, len(message.payload)):
             self._overflow(message)
         elif self.dispatcher.depth > _DEEP_INBOX:
             self._flooded = True
@@ -788,7 +791,8 @@ class MqttDoor:
                 self._reject(
                     Rejection(
                         "queue_full",
-                        f"the bridge's inbox holds {self.dispatcher.capacity} messages: try again later",
+                        f"the bridge's inbox is full ({self.dispatcher.capacity} messages or "
+                        f"{INBOX_BYTES // (1024 * 1024)} MiB): try again later",
                         parsed.id,
                         parsed.reply_topic,
                         parsed.correlation_data,
