@@ -146,6 +146,7 @@ class Book:
     error_ids: set[str] = field(default_factory=set)
     errors_anonymous: int = 0
     final_states: dict[str, int] = field(default_factory=dict)
+    retained_copies: int = 0
 
     def answered(self, rid: str) -> bool:
         return rid in self.finals
@@ -233,6 +234,11 @@ class Recorder:
                     book.queued.add(data["id"])
             else:
                 rid = topic.rsplit("/", 1)[1]
+                if message.retain and rid in book.finals:
+                    # The retained copy of a final already received, sent again because the recorder subscribed
+                    # again (after a broker restart): the broker's doing, not a second delivery by the daemon.
+                    book.retained_copies += 1
+                    return
                 book.finals.setdefault(rid, []).append(payload)
                 data = _json(payload)
                 if isinstance(data, dict):

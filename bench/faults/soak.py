@@ -122,6 +122,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"soak: {args.minutes:g} min, {len(sent)} requests, {broker_restarts} broker restarts, {rotations} faults")
         say(f"  worker restarts: {restarts}; finals: {dict(sorted(book.final_states.items()))}")
         say(f"  transport redeliveries (same bytes twice): {book.redelivered()}")
+        say(f"  retained copies sent again on re-subscribing (not counted above): {book.retained_copies}")
         say(f"  daemon RSS {rss_start / 1024:.1f} -> {rss_end / 1024:.1f} MB; open fds {fds_start} -> {fds_end}")
         say(f"  daemon log lines with an exception: {len(exceptions)} {exceptions[:5]}")
         verdict.check(alive, "daemon alive at the end")
