@@ -228,7 +228,7 @@ class _Client(mqtt.Client):
                 return MQTTErrorCode.MQTT_ERR_AGAIN
             except OSError as err:
                 queue.extendleft(reversed(batch))
-                self._easy_log(mqtt.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                self._easy_log(mqtt.MQTT_LOG_ERR, "failed to send on socket: %s", err)
                 return MQTTErrorCode.MQTT_ERR_CONN_LOST
             if written <= 0:
                 queue.extendleft(reversed(batch))
@@ -241,7 +241,8 @@ class _Client(mqtt.Client):
                 if packet["to_process"] > 0:
                     queue.extendleft(reversed(batch[index:]))  # the rest goes first next time, in order
                     break
-                if self._packet_sent(packet):
+                if self._packet_sent(packet):  # a DISCONNECT: what came after it stays queued, as with paho
+                    queue.extendleft(reversed(batch[index + 1 :]))
                     return MQTTErrorCode.MQTT_ERR_SUCCESS
         with self._msgtime_mutex:
             self._last_msg_out = mqtt.time_func()
