@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -119,6 +119,27 @@ def test_a_publish_racing_the_connect_never_goes_out_ahead_of_connect() -> None:
         server.close()
 
 
+def _publishing_transport(port: int, connected: threading.Event) -> MqttTransport:
+    return MqttTransport(
+        MqttSettings(port=port, client_id=unique_topic("tx")),
+        host="127.0.0.1",
+        availability_topic=None,
+        subscriptions=[],
+        on_message=lambda message: None,
+        on_connected=connected.set,
+    )
+
+
+def _eventually(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Whether ``condition`` comes true within ``timeout`` (looked at every 10 ms: what it reads notifies no one)."""
+    pause = threading.Event()
+    for _ in range(int(timeout * 100)):
+        if condition():
+            return True
+        pause.wait(0.01)
+    return condition()
+
+
 def test_a_burst_of_publishes_goes_out_whole_and_in_order_and_acknowledgements_are_counted(tmp_path: Path) -> None:
     """The transport writes queued packets together: messages of every size, some larger than one write, QoS 0
     and 1 mixed, all arrive, each QoS in the order it was published; QoS 1 acknowledgements bring the backlog to 0
@@ -131,14 +152,7 @@ def test_a_burst_of_publishes_goes_out_whole_and_in_order_and_acknowledgements_a
     probe = Probe(broker.port).start()
     probe.subscribe(topic)
     connected = threading.Event()
-    t = MqttTransport(
-        MqttSettings(port=broker.port, client_id=unique_topic("tx")),
-        host="127.0.0.1",
-        availability_topic=None,
-        subscriptions=[],
-        on_message=lambda message: None,
-        on_connected=connected.set,
-    )
+    t = _publishing_transport(broker.port, connected)
     acked: list[int] = []
     t.start()
     try:
@@ -152,8 +166,7 @@ def test_a_burst_of_publishes_goes_out_whole_and_in_order_and_acknowledgements_a
         # In order per QoS, as MQTT promises (QoS 1 messages past the in-flight window wait in paho's queue).
         for qos in (0, 1):
             assert [i for i in received if i % 2 == qos] == list(range(qos, count, 2))
-        with probe.cond:
-            assert probe.cond.wait_for(lambda: len(acked) == count and t.backlog == 0, 20), (len(acked), t.backlog)
+        assert _eventually(lambda: len(acked) == count and t.backlog == 0), (len(acked), t.backlog)
         assert sorted(acked) == list(range(count))
     finally:
         t.stop()
@@ -169,14 +182,7 @@ def test_qos0_messages_written_do_not_count_as_acknowledged_qos1_ones(tmp_path: 
     broker = Mosquitto(tmp_path)
     broker.start()
     connected = threading.Event()
-    t = MqttTransport(
-        MqttSettings(port=broker.port, client_id=unique_topic("tx")),
-        host="127.0.0.1",
-        availability_topic=None,
-        subscriptions=[],
-        on_message=lambda message: None,
-        on_connected=connected.set,
-    )
+    t = _publishing_transport(broker.port, connected)
     t.start()
     assert broker.proc is not None
     try:
@@ -190,12 +196,7 @@ def test_qos0_messages_written_do_not_count_as_acknowledged_qos1_ones(tmp_path: 
             info.wait_for_publish(20)  # written to the socket
         assert t.backlog == 5
         broker.proc.send_signal(signal.SIGCONT)
-        pause = threading.Event()
-        for _ in range(3000):  # up to 30 s for the five acknowledgements
-            if not t.backlog:
-                break
-            pause.wait(0.01)
-        assert t.backlog == 0
+        assert _eventually(lambda: t.backlog == 0)  # the five acknowledgements
     finally:
         if broker.proc is not None:
             broker.proc.send_signal(signal.SIGCONT)
