@@ -164,8 +164,8 @@ class MqttDoor:
         self._state_lock = threading.Lock()  # retained state goes out in the order its snapshots were taken
         self._overflowed = 0
         self.ledger = ledger
-        # Acknowledgements wait for the ledger's sync on a thread of their own (without a ledger, nothing to sync).
-        self._synced = GroupSync(ledger.sync if ledger is not None else _nothing_to_sync)
+        # Acknowledgements wait for the ledger's sync on a thread of their own (without a ledger, for nothing).
+        self._synced = GroupSync(ledger.sync) if ledger is not None else None
         self._acks: Settling | None = None
         # QoS 1 deliveries waiting for their request's final, by request id (the dispatcher adds, the runner takes).
         self._unsettled: dict[str, list[Delivery]] = {}
@@ -216,14 +216,15 @@ class MqttDoor:
         self._started_monotonic = time.monotonic()
         for extension in self.extensions:
             extension.start(self)
-        if self.ledger is not None:  # without a ledger nothing waits for a sync
+        if self._synced is not None:
             self._synced.start()
         self.dispatcher.start()
 
     def stop(self) -> None:
         """Stop the dispatcher (after what it holds) and the extensions. The scheduler is stopped before."""
         self.dispatcher.stop()
-        self._synced.stop()  # what waits is acknowledged; later acknowledgements sync on their own thread
+        if self._synced is not None:
+            self._synced.stop()  # what waits is acknowledged; a later one syncs first on the caller's thread
         for extension in self.extensions:
             extension.stop()
         self.on_change()
@@ -523,7 +524,7 @@ class MqttDoor:
     def _final_acknowledged(self, request_id: str, deliveries: list[Delivery]) -> None:
         """The broker has the final (paho's thread, which only hands it on): the request is settled, and its prompts
         are acknowledged once the ledger is on disk (one sync for every final acknowledged meanwhile)."""
-        if self.ledger is None:
+        if self._synced is None:
             self._settle_all(deliveries)
             return
         self._synced.after_sync(partial(self._record_settled, request_id, deliveries))
@@ -817,10 +818,6 @@ class MqttDoor:
                 handled=handled,
                 overflowed=self._overflowed,
             )
-
-
-def _nothing_to_sync() -> None:
-    pass
 
 
 def _valid_token(token: str | None) -> str | None:

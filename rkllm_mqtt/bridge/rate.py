@@ -19,20 +19,21 @@ class EventRate:
 
     def add(self) -> bool:
         """Count one event; True when the rate is past the limit."""
-        self._roll()
+        now = self.clock()
+        self._roll(now)
         self._count += 1
-        return self._over()
+        return self._over(now)
 
     def fast(self) -> bool:
-        self._roll()
-        return self._over()
+        now = self.clock()
+        self._roll(now)
+        return self._over(now)
 
-    def _roll(self) -> None:
-        now = int(self.clock())
-        if now != self._second:
-            self._previous = self._count if now == self._second + 1 else 0
-            self._second, self._count = now, 0
+    def _roll(self, now: float) -> None:
+        second = int(now)
+        if second != self._second:
+            self._previous = self._count if second == self._second + 1 else 0
+            self._second, self._count = second, 0
 
-    def _over(self) -> bool:
-        elapsed = self.clock() % 1.0
-        return self._count + self._previous * (1.0 - elapsed) > self.limit
+    def _over(self, now: float) -> bool:
+        return self._count + self._previous * (1.0 - now % 1.0) > self.limit
