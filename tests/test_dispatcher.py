@@ -6,6 +6,8 @@ import threading
 
 from rkllm_mqtt.bridge.dispatcher import WEDGED_AFTER_S, Dispatcher
 
+from .helpers import eventually
+
 WAIT_S = 30.0
 
 
@@ -126,8 +128,7 @@ def test_in_a_flood_the_newest_message_goes_first_and_every_message_is_still_han
     try:
         dispatcher.offer("blocker")
         # The blocker is being handled once the inbox is empty again: everything offered now waits behind it.
-        while dispatcher.depth:
-            threading.Event().wait(0.001)
+        assert eventually(lambda: dispatcher.depth == 0)
         for index in range(10):
             dispatcher.offer(index)
         dispatcher.put("control")
@@ -150,8 +151,7 @@ def test_offer_refuses_past_the_bytes_it_may_hold_but_takes_one_large_message_al
     assert not running.offer("c", 1)
     running.start()
     try:
-        while running.depth:  # handled: their bytes are given back
-            threading.Event().wait(0.001)
+        assert eventually(lambda: running.depth == 0)  # taken: their bytes are given back
         assert running.offer("c", 1000)
         assert started.done.wait(WAIT_S)
         assert started.items == ["a", "b", "c"]

@@ -8,7 +8,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from rkllm_mqtt.bridge.transport import IncomingMessage, MqttTransport, Subscrip
 from rkllm_mqtt.settings import MqttSettings
 
 from .harness import Mosquitto, Probe, mosquitto_binary
-from .helpers import unique_topic
+from .helpers import eventually, unique_topic
 
 
 def transport(received: list[IncomingMessage]) -> MqttTransport:
@@ -130,16 +130,6 @@ def _publishing_transport(port: int, connected: threading.Event) -> MqttTranspor
     )
 
 
-def _eventually(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
-    """Whether ``condition`` comes true within ``timeout`` (looked at every 10 ms: what it reads notifies no one)."""
-    pause = threading.Event()
-    for _ in range(int(timeout * 100)):
-        if condition():
-            return True
-        pause.wait(0.01)
-    return condition()
-
-
 def test_a_burst_of_publishes_goes_out_whole_and_in_order_and_acknowledgements_are_counted(tmp_path: Path) -> None:
     """The transport writes queued packets together: messages of every size, some larger than one write, QoS 0
     and 1 mixed, all arrive, each QoS in the order it was published; QoS 1 acknowledgements bring the backlog to 0
@@ -166,7 +156,7 @@ def test_a_burst_of_publishes_goes_out_whole_and_in_order_and_acknowledgements_a
         # In order per QoS, as MQTT promises (QoS 1 messages past the in-flight window wait in paho's queue).
         for qos in (0, 1):
             assert [i for i in received if i % 2 == qos] == list(range(qos, count, 2))
-        assert _eventually(lambda: len(acked) == count and t.backlog == 0), (len(acked), t.backlog)
+        assert eventually(lambda: len(acked) == count and t.backlog == 0), (len(acked), t.backlog)
         assert sorted(acked) == list(range(count))
     finally:
         t.stop()
@@ -196,7 +186,7 @@ def test_qos0_messages_written_do_not_count_as_acknowledged_qos1_ones(tmp_path: 
             info.wait_for_publish(20)  # written to the socket
         assert t.backlog == 5
         broker.proc.send_signal(signal.SIGCONT)
-        assert _eventually(lambda: t.backlog == 0)  # the five acknowledgements
+        assert eventually(lambda: t.backlog == 0)  # the five acknowledgements
     finally:
         if broker.proc is not None:
             broker.proc.send_signal(signal.SIGCONT)
