@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import collections
 import contextlib
 import json
 import math
@@ -38,6 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
+
+from rkllm_mqtt.bridge.settled_ids import KEY_BYTES, SettledIds
 
 log = structlog.get_logger(__name__)
 
@@ -131,6 +132,8 @@ def _parse(line: bytes) -> tuple[float, str, PendingFinal | None] | None:
     if not math.isfinite(when):
         return None
     request_id = fields[1]
+    if len(request_id) > KEY_BYTES:
+        return None
     if len(fields) == 2:
         return when, request_id, None
     pending = PendingFinal.decode(request_id, fields[2])
@@ -152,7 +155,7 @@ class SettledLedger:
         self.keep = keep
         self.max_age_s = max_age_s
         self.clock = clock
-        self._ids: collections.OrderedDict[str, float] = collections.OrderedDict()
+        self._ids = SettledIds(max(keep, 1))  # allocated once, whole: see settled_ids for why
         self._pending: dict[str, PendingFinal] = {}
         self._unsynced = False  # records written and not yet synced to the disk
         self._lock = threading.Lock()
@@ -203,7 +206,7 @@ class SettledLedger:
         with self._lock:
             if request_id in self._pending:
                 return True
-            when = self._ids.get(request_id)
+            when = self._ids.when(request_id)
             return when is not None and self.clock() - when <= self.max_age_s
 
     def settle(self, request_id: str, *, durable: bool = True) -> None:
@@ -257,7 +260,12 @@ class SettledLedger:
             return list(self._pending.values())
 
     def _append(self, request_id: str, pending: PendingFinal | None, *, durable: bool) -> None:
-        if not request_id or any(ch.isspace() for ch in request_id) or not request_id.isascii():
+        if (
+            not request_id
+            or len(request_id) > KEY_BYTES
+            or any(ch.isspace() for ch in request_id)
+            or not request_id.isascii()
+        ):
             raise ValueError(f"not a recordable request id: {request_id!r}")
         line = f"{self.clock():.3f} {request_id}" + (f" {pending.encode()}" if pending is not None else "")
         with self._lock:
@@ -283,20 +291,19 @@ class SettledLedger:
 
     def _remember(self, request_id: str, when: float, pending: PendingFinal | None) -> None:
         # Settled ids in order of settling (what trimming drops first); finals on their way apart, never dropped.
-        self._ids.pop(request_id, None)
+        self._ids.discard(request_id)
         if pending is not None:
             self._pending[request_id] = pending
         else:
             self._pending.pop(request_id, None)
-            self._ids[request_id] = when
+            self._ids.add(request_id, when)
 
     def _trim(self) -> None:
         horizon = self.clock() - self.max_age_s
-        while self._ids:
-            oldest_id, oldest_at = next(iter(self._ids.items()))
-            if len(self._ids) <= self.keep and oldest_at >= horizon:
+        while (oldest := self._ids.oldest()) is not None:
+            if len(self._ids) <= self.keep and oldest[1] >= horizon:
                 break
-            del self._ids[oldest_id]
+            self._ids.pop_oldest()
 
     def _rewrite(self) -> None:
         """Replace the file by the records kept: temporary file, fsync, rename, fsync of the directory."""
