@@ -81,6 +81,10 @@ def _check_config(settings: Settings) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "serve" and argv is None:  # started as a program, not called from Python
+        from rkllm_mqtt.allocator import use_c_heap
+
+        use_c_heap()
     try:
         settings = _load(args)
     except ConfigError as exc:

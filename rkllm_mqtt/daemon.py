@@ -10,6 +10,7 @@ A new front door is built in ``start`` beside the MQTT one, on the same schedule
 from __future__ import annotations
 
 import faulthandler
+import os
 import signal
 import threading
 import time
@@ -91,6 +92,7 @@ class Daemon:
             node=s.mqtt.node_id,
             base_topic=s.mqtt.base_topic,
             config=str(s.source_file) if s.source_file else None,
+            allocator=os.environ.get("PYTHONMALLOC", "pymalloc"),  # rkllm_mqtt.allocator
         )
         self._announce_defaults()
         host = s.mqtt.host
