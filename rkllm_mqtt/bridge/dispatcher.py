@@ -76,8 +76,13 @@ class Dispatcher(Generic[Item]):
         # Items sit in two deques (appends and pops are atomic); the doorbell holds one token per item and is
         # what the thread waits on. An item is appended before its token is rung, so a token always finds one.
         self._messages: deque[tuple[Item, int]] = deque()
-        self._bytes = 0  # the sizes offered with the messages waiting
-        self._bytes_lock = threading.Lock()
+        # The sizes of the messages waiting: what was offered less what was taken. The dispatcher alone writes
+        # what was taken, without a lock: one lock taken by both sides per message made the network thread wait
+        # for the dispatcher whenever the interpreter switched threads while the dispatcher held it. Offers (two
+        # network threads: the prompts' session and the control session) share a lock only among themselves.
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._offer_lock = threading.Lock()
         self._control: deque[Item | _Stop] = deque()
         self._doorbell: queue.SimpleQueue[None] = queue.SimpleQueue()
         self._deadlines: list[Deadline] = []
@@ -92,10 +97,14 @@ class Dispatcher(Generic[Item]):
         already; a message alone in the inbox is taken whatever its size. Never blocks."""
         if len(self._messages) >= self.capacity:
             return False
-        with self._bytes_lock:
-            if self.capacity_bytes is not None and self._messages and self._bytes + size > self.capacity_bytes:
+        with self._offer_lock:
+            if (
+                self.capacity_bytes is not None
+                and self._messages
+                and self._bytes_in - self._bytes_out + size > self.capacity_bytes
+            ):
                 return False
-            self._bytes += size
+            self._bytes_in += size
         self._messages.append((item, size))
         self._doorbell.put(None)
         return True
@@ -167,9 +176,7 @@ class Dispatcher(Generic[Item]):
 
     def _taken(self, entry: tuple[Item, int]) -> Item:
         item, size = entry
-        if size:
-            with self._bytes_lock:
-                self._bytes -= size
+        self._bytes_out += size
         return item
 
     def _run_item(self, item: Item) -> None:
