@@ -3,12 +3,13 @@ buffered reads from the broker and the batched writes to it (over real sockets a
 
 from __future__ import annotations
 
+import contextlib
 import select
 import signal
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +20,16 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from rkllm_mqtt.bridge.transport import IncomingMessage, MqttTransport, Subscription, _BufferedReads, _Client
+from rkllm_mqtt.bridge.transport import (
+    IncomingMessage,
+    MqttTransport,
+    Subscription,
+    _BufferedReads,
+    _Client,
+    _WakeReader,
+    _WakeState,
+    _WakeWriter,
+)
 from rkllm_mqtt.settings import MqttSettings
 
 from .harness import Mosquitto, Probe, mosquitto_binary
@@ -119,9 +129,9 @@ def test_a_publish_racing_the_connect_never_goes_out_ahead_of_connect() -> None:
         server.close()
 
 
-def _publishing_transport(port: int, connected: threading.Event) -> MqttTransport:
+def _publishing_transport(port: int, connected: threading.Event, keepalive_s: int = 30) -> MqttTransport:
     return MqttTransport(
-        MqttSettings(port=port, client_id=unique_topic("tx")),
+        MqttSettings(port=port, client_id=unique_topic("tx"), keepalive_s=keepalive_s),
         host="127.0.0.1",
         availability_topic=None,
         subscriptions=[],
@@ -468,3 +478,97 @@ def test_a_burst_of_small_publishes_all_arrive_and_so_does_the_next(broker_port:
         publisher.sendall(b"\xe0\x00")  # DISCONNECT
         publisher.close()
         t.stop()
+
+
+# -- waking paho's loop: one byte on its way at a time ----------------------------------------------------------
+
+
+def test_publishers_write_one_wake_byte_until_the_loop_reads_it() -> None:
+    reader_end, writer_end = socket.socketpair()
+    state = _WakeState()
+    writer, reader = _WakeWriter(writer_end, state), _WakeReader(reader_end, state)
+    try:
+        for _ in range(100):
+            assert writer.send(b"0") == 1
+        assert reader.recv(10000) == b"0"  # a hundred packets queued, one wake-up
+        writer.send(b"0")  # queued after the loop read the pair: it must wake the loop again
+        assert reader.recv(10000) == b"0"
+    finally:
+        reader_end.close()
+        writer_end.close()
+
+
+class _PublishedDuringTheRead:
+    """The loop's end of the pair, with a publisher queueing a packet at the moment the loop reads it."""
+
+    def __init__(self, sock: socket.socket, publish: Callable[[], None]) -> None:
+        self.sock = sock
+        self.publish = publish
+
+    def recv(self, bufsize: int) -> bytes:
+        self.publish()
+        return self.sock.recv(bufsize)
+
+
+@pytest.mark.parametrize("before", [True, False], ids=["byte-pending", "nothing-pending"])
+def test_a_packet_queued_while_the_loop_reads_the_pair_is_never_left_without_a_wake_up(before: bool) -> None:
+    reader_end, writer_end = socket.socketpair()
+    reader_end.setblocking(False)
+    state = _WakeState()
+    writer = _WakeWriter(writer_end, state)
+    reader = _WakeReader(_PublishedDuringTheRead(reader_end, lambda: writer.send(b"0")), state)  # type: ignore[arg-type]
+    try:
+        if before:
+            writer.send(b"0")
+        with contextlib.suppress(BlockingIOError):
+            reader.recv(10000)
+        # The loop now writes what was queued so far and goes back to select(). A packet queued after that must
+        # find a byte in the pair, its own or one still on its way.
+        writer.send(b"0")
+        readable, _, _ = select.select([reader_end], [], [], 0)
+        assert readable, "packets queued and nothing to wake the loop"
+    finally:
+        reader_end.close()
+        writer_end.close()
+
+
+def test_publishes_from_many_threads_all_go_out_also_after_the_loop_fell_asleep(tmp_path: Path) -> None:
+    """Bursts from three threads (paho's loop busy) and single messages after a pause (its loop asleep in
+    select): every one arrives, although most publishes write no wake-up byte."""
+    if mosquitto_binary() is None:
+        pytest.skip("mosquitto is not installed")
+    broker = Mosquitto(tmp_path)
+    broker.start()
+    topic = unique_topic("wake")
+    probe = Probe(broker.port).start()
+    probe.subscribe(topic)
+    connected = threading.Event()
+    # paho's loop wakes every keepalive / 4 anyway: with an hour, a lost wake-up shows as a message never sent.
+    t = _publishing_transport(broker.port, connected, keepalive_s=3600)
+    t.start()
+    try:
+        assert connected.wait(20)
+        per_thread = 600
+
+        def burst(first: int) -> None:
+            for index in range(first, first + per_thread):
+                t.publish(topic, str(index).encode(), qos=index % 2)
+
+        threads = [threading.Thread(target=burst, args=(n * per_thread,)) for n in range(3)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        probe.wait_topic(topic, count=3 * per_thread, timeout=60)
+        for extra in range(3):  # one at a time, each once the loop is idle again
+            before = len(probe.on(topic))
+            assert eventually(lambda: t.unsent == 0 and t.backlog == 0)
+            t.publish(topic, f"late-{extra}".encode(), qos=0)
+            probe.wait_topic(topic, count=before + 1, timeout=60)
+        payloads = sorted(m.payload for m in probe.on(topic))
+        expected = sorted([str(i).encode() for i in range(3 * per_thread)] + [f"late-{n}".encode() for n in range(3)])
+        assert payloads == expected
+    finally:
+        t.stop()
+        probe.stop()
+        broker.stop()

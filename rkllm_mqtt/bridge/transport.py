@@ -134,6 +134,64 @@ class _BufferedReads:
         return getattr(self._sock, name)
 
 
+class _WakeState:
+    """Whether a wake-up byte is on its way to paho's loop (written, not yet read)."""
+
+    __slots__ = ("pending",)
+
+    def __init__(self) -> None:
+        self.pending = False
+
+
+class _WakeWriter:
+    """The end of paho's socket pair that publishers write to, sending one byte until the loop has read it.
+
+    paho writes a byte for every packet it queues, so that a loop asleep in select() wakes up to send it: a system
+    call per message, made while paho's message lock and the publish gate are held. The interpreter lock is let go
+    during the call, so in a flood the other threads took it and the publisher then waited for it, holding those
+    locks, while paho's own thread waited for them in turn. One byte on its way wakes the loop just as well: the
+    loop reads the pair and then writes everything queued, including what was queued after the byte.
+    """
+
+    def __init__(self, sock: socket.socket, state: _WakeState) -> None:
+        self._sock = sock
+        self._state = state
+
+    def send(self, data: bytes) -> int:
+        if self._state.pending:
+            return len(data)
+        self._state.pending = True  # before the write: a publisher after it finds the byte already sent
+        return self._sock.send(data)
+
+    def __getattr__(self, name: str) -> Any:  # close, fileno...
+        return getattr(self._sock, name)
+
+
+class _WakeReader:
+    """The loop's end of the socket pair: reading it is when the next publisher must write a byte again."""
+
+    def __init__(self, sock: socket.socket, state: _WakeState) -> None:
+        self._sock = sock
+        self._state = state
+
+    def recv(self, bufsize: int) -> bytes:
+        # Cleared after the read, and the loop writes what is queued only after that. A publisher that found a
+        # byte pending had queued its packet before this point: it is written now. One that comes later sends a
+        # byte of its own, which stays in the pair for the next select(). (Cleared before the read, the read could
+        # take a byte sent after the clearing and leave the flag set with no byte on its way: the loop then slept
+        # with packets queued.)
+        try:
+            return self._sock.recv(bufsize)
+        finally:
+            self._state.pending = False
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def __getattr__(self, name: str) -> Any:  # close...
+        return getattr(self._sock, name)
+
+
 class _Client(mqtt.Client):
     """paho's client with a longer network-loop timeout.
 
@@ -156,6 +214,31 @@ class _Client(mqtt.Client):
         super().__init__(*args, **kwargs)
         self.publish_gate = threading.Lock()
         self._gate_held = False
+
+    # paho creates its socket pair in loop_start() (and loop()) and assigns both ends: each is wrapped as it is set.
+    @property
+    def _sockpairR(self) -> Any:  # noqa: N802 (paho's name)
+        return self.__dict__.get("_wake_reader")
+
+    @_sockpairR.setter
+    def _sockpairR(self, sock: Any) -> None:  # noqa: N802
+        self.__dict__["_wake_reader"] = None if sock is None else _WakeReader(sock, self._fresh_wake_state())
+
+    @property
+    def _sockpairW(self) -> Any:  # noqa: N802
+        return self.__dict__.get("_wake_writer")
+
+    @_sockpairW.setter
+    def _sockpairW(self, sock: Any) -> None:  # noqa: N802
+        self.__dict__["_wake_writer"] = None if sock is None else _WakeWriter(sock, self._fresh_wake_state())
+
+    def _fresh_wake_state(self) -> _WakeState:
+        """The state both ends share; a new pair has no byte in it yet."""
+        state: _WakeState | None = self.__dict__.get("_wake")
+        if state is None:
+            state = self.__dict__["_wake"] = _WakeState()
+        state.pending = False
+        return state
 
     def reconnect(self) -> MQTTErrorCode:
         try:
