@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from rkllm_mqtt.bridge.publish_reader import Publish
 from rkllm_mqtt.bridge.transport import (
     IncomingMessage,
     MqttTransport,
@@ -71,6 +72,37 @@ def test_paho_messages_are_handed_on_with_their_mqtt5_properties() -> None:
     got = received[0]
     assert (got.topic, got.payload, got.retain) == ("rkllm/n/prompt", b"hi", False)
     assert (got.response_topic, got.correlation_data) == ("rkllm/reply/me", b"c1")
+
+
+def test_a_receiver_that_fails_on_one_message_holds_back_nothing() -> None:
+    """An exception from the receiver is logged, not raised into paho's loop (which would end), and the message is
+    acknowledged: unsettled, it would hold back the acknowledgement of every later prompt."""
+    received: list[IncomingMessage] = []
+
+    def receive(message: IncomingMessage) -> None:
+        if message.payload == b"bad":
+            raise RuntimeError("a bug in the receiver")
+        received.append(message)
+
+    t = MqttTransport(
+        MqttSettings(),
+        host="127.0.0.1",
+        availability_topic=None,
+        subscriptions=[],
+        on_message=receive,
+        on_connected=lambda: None,
+        manual_ack=True,
+    )
+    client = t._build_client()
+    acked: list[int] = []
+    client.ack = lambda mid, qos: acked.append(mid)  # type: ignore[method-assign]
+    t._client = client
+    for mid, payload in [(1, b"good"), (2, b"bad"), (3, b"good")]:
+        t._on_incoming(Publish(topic="rkllm/n/prompt", payload=payload, qos=1, retain=False, dup=False, mid=mid))
+    assert [m.payload for m in received] == [b"good", b"good"]
+    for message in received:
+        t.settle(message.delivery)
+    assert acked == [1, 2, 3]
 
 
 def test_a_publish_racing_the_connect_never_goes_out_ahead_of_connect() -> None:

@@ -33,6 +33,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from rkllm_mqtt.bridge.acks import AckSequencer, Delivery
 from rkllm_mqtt.bridge.outgoing import publish_problem
+from rkllm_mqtt.bridge.publish_reader import PUBLISH as PUBLISH_PACKET
+from rkllm_mqtt.bridge.publish_reader import Publish, complete_packet, decode_publish
 from rkllm_mqtt.errors import quote_input
 from rkllm_mqtt.mqtt_client import build_client
 from rkllm_mqtt.settings import MqttSettings
@@ -53,6 +55,8 @@ MAX_UNSETTLED = 20
 HANDOFF_PROPERTY = "rkllm-handoff"
 # Packets read ahead are handed on in one pass of paho's loop, up to this many before pending writes go out.
 READ_BATCH = 64
+# ... and up to this many when nothing waits to be written (a 64 KiB read holds some 700 small prompts).
+FAST_READ_LIMIT = 1024
 # Queued packets are written together, up to this many bytes per send() (paho sends them one by one).
 WRITE_BATCH_BYTES = 64 * 1024
 # Reason codes that mean "this broker does not speak MQTT 5" (v5 0x84, and 3.1.1's 1 read back).
@@ -95,6 +99,9 @@ class _BufferedReads:
     would not report them: paho's loop asks pending() first and reads them without waiting. Only an empty buffer
     reads from the socket, so its EAGAIN, end of stream and errors reach paho as before, after the packets that
     arrived ahead of them. Everything else is the socket's own.
+
+    :meth:`fill` reads ahead for the PUBLISH reader (:meth:`_Client._take_publishes`). An end of stream or an
+    error it meets is kept and given to paho's next recv() once the bytes before it are used.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -102,9 +109,32 @@ class _BufferedReads:
         self._buffer = b""
         self._pos = 0
         self.reads = 0  # from the socket
+        self._ended = False  # the peer closed: every recv() after the buffered bytes returns b""
+        self._error: OSError | None = None  # raised by the next recv() after the buffered bytes
+
+    def fill(self) -> None:
+        """Read what has arrived into the (used up) buffer; nothing when nothing has."""
+        if self._pos < len(self._buffer) or self._ended or self._error is not None:
+            return
+        self.reads += 1
+        try:
+            data = self._sock.recv(_READ_BYTES)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._error = exc
+            return
+        if not data:
+            self._ended = True
+        self._buffer, self._pos = data, 0
 
     def recv(self, bufsize: int) -> bytes:
         if self._pos == len(self._buffer):
+            if self._ended:
+                return b""
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
             self.reads += 1
             data = self._sock.recv(max(bufsize, _READ_BYTES))
             if len(data) <= bufsize:
@@ -116,6 +146,14 @@ class _BufferedReads:
 
     def pending(self) -> int:
         return len(self._buffer) - self._pos
+
+    def buffered(self) -> tuple[bytes, int]:
+        """The bytes read ahead and where the unread ones start (for :meth:`_Client._take_publishes`)."""
+        return self._buffer, self._pos
+
+    def consume(self, pos: int) -> None:
+        """The bytes before ``pos`` were used without recv()."""
+        self._pos = pos
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -248,6 +286,9 @@ class _Client(mqtt.Client):
                 self._gate_held = False
                 self.publish_gate.release()
 
+    # Set by the transport: receives each PUBLISH read without paho (rkllm_mqtt.bridge.publish_reader).
+    fast_publish: Callable[[Publish], None] | None = None
+
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
         # paho reads one packet per pass of its loop (or one per message in flight) and goes round select() again:
         # a system call, and with it a wait for the interpreter lock while the dispatcher runs, for each small
@@ -255,22 +296,58 @@ class _Client(mqtt.Client):
         # READ_BATCH packets before what waits to be sent (a publish from another thread, an acknowledgement) goes
         # out, more when nothing waits, and at most two reads from the socket (a packet may be cut at the end of a
         # read), so under a steady flood paho's loop still comes round to send its PINGREQ and to stop when asked.
-        sock = self._sock
-        if not isinstance(sock, _BufferedReads):
+        # Complete PUBLISH packets in the buffer are decoded here (_take_publishes); paho reads everything else.
+        current = self._sock
+        if not isinstance(current, _BufferedReads):
             return super().loop_read(max_packets)
+        sock: _BufferedReads = current
         reads = sock.reads
-        rc = super().loop_read(max_packets)
-        passes = 1
+        if self.fast_publish is not None and self._in_packet["command"] == 0:
+            sock.fill()  # so that the first packet of the read is not paho's to decode
+        handled = self._take_publishes(sock, 0)
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         # A closed socket (paho closes it on an error, and may replace it later) has nothing pending.
-        while (
-            rc == MQTTErrorCode.MQTT_ERR_SUCCESS
-            and sock.pending()
-            and sock.reads - reads < 2
-            and (passes < READ_BATCH or not self.want_write())
+        while not handled or (
+            sock.pending() and sock.reads - reads < 2 and (handled < READ_BATCH or not self.want_write())
         ):
             rc = super().loop_read(max_packets)
-            passes += 1
+            handled += 1
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._sock is not current:
+                break
+            handled = self._take_publishes(sock, handled)
         return rc
+
+    def _take_publishes(self, sock: _BufferedReads, handled: int) -> int:
+        """Hand on the complete QoS 0 and 1 PUBLISH packets at the head of the buffer; ``handled`` plus their count.
+
+        Only between packets (paho may hold the start of one), and a QoS 1 one only when paho would not
+        acknowledge it itself (manual acknowledgement). Stops at the first packet that is anything else."""
+        sink = self.fast_publish
+        if sink is None or self._in_packet["command"] != 0:
+            return handled
+        limit = READ_BATCH if self.want_write() else FAST_READ_LIMIT
+        qos1 = self._manual_ack
+        v5 = self._protocol == mqtt.MQTTv5
+        buffer, pos = sock.buffered()
+        taken = 0
+        while handled + taken < limit:
+            packet = complete_packet(buffer, pos)
+            if packet is None:
+                break
+            first, start, end = packet
+            if first & 0xF0 != PUBLISH_PACKET or (first & 0x06 and not qos1):
+                break
+            publish = decode_publish(first, buffer[start:end], v5=v5)
+            if publish is None:
+                break
+            pos = end
+            sock.consume(pos)
+            taken += 1
+            sink(publish)
+        if taken:
+            with self._msgtime_mutex:
+                self._last_bytes_received = mqtt.time_func()
+        return handled + taken
 
     def _create_socket(self) -> Any:
         sock = super()._create_socket()  # the TCP (and TLS) connect, outside the gate
@@ -453,6 +530,7 @@ class MqttTransport:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.fast_publish = self._on_incoming
         client.on_socket_open = self._on_socket_open
         client.on_publish = self._on_publish
         return client
@@ -585,27 +663,49 @@ class MqttTransport:
         return len(client._out_packet) if client is not None else 0
 
     def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
-        delivery = self._acks.arrived(message.mid) if self.manual_ack and message.qos > 0 else None
+        """A PUBLISH paho read itself (the fast path left it to paho): handed on like the others."""
         props = getattr(message, "properties", None)
-        response_topic = getattr(props, "ResponseTopic", None) if props is not None else None
         correlation = getattr(props, "CorrelationData", None) if props is not None else None
-        handoff = None
-        for key, value in getattr(props, "UserProperty", None) or ():
-            if key == HANDOFF_PROPERTY:
-                handoff = value
-        self.on_message(
-            IncomingMessage(
+        self._on_incoming(
+            Publish(
                 topic=message.topic,
                 payload=bytes(message.payload),
-                retain=bool(message.retain),
-                response_topic=response_topic,
-                correlation_data=bytes(correlation) if correlation is not None else None,
                 qos=message.qos,
+                retain=bool(message.retain),
                 dup=bool(message.dup),
-                delivery=delivery,
-                handoff=handoff,
+                mid=message.mid,
+                response_topic=getattr(props, "ResponseTopic", None) if props is not None else None,
+                correlation_data=bytes(correlation) if correlation is not None else None,
+                user_properties=tuple(getattr(props, "UserProperty", None) or ()),
             )
         )
+
+    def _on_incoming(self, publish: Publish) -> None:
+        """Every incoming PUBLISH, read by the fast path or by paho, on paho's thread."""
+        delivery = self._acks.arrived(publish.mid) if self.manual_ack and publish.qos > 0 else None
+        handoff = None
+        for key, value in publish.user_properties:
+            if key == HANDOFF_PROPERTY:
+                handoff = value
+        try:
+            self.on_message(
+                IncomingMessage(
+                    topic=publish.topic,
+                    payload=publish.payload,
+                    retain=publish.retain,
+                    response_topic=publish.response_topic,
+                    correlation_data=publish.correlation_data,
+                    qos=publish.qos,
+                    dup=publish.dup,
+                    delivery=delivery,
+                    handoff=handoff,
+                )
+            )
+        except Exception:
+            # Raised into paho, it would end the network loop; left unsettled, the message would hold back the
+            # acknowledgement of every later one.
+            log.exception("mqtt_message_handler_failed", topic=quote_input(publish.topic, 200))
+            self.settle(delivery)
 
     def settle(self, delivery: Delivery | None) -> None:
         """The receiver is done with a message: acknowledge it (and any settled ones held behind it). Any thread."""
