@@ -82,6 +82,7 @@ def test_unit_essentials() -> None:
     assert settings["SupplementaryGroups"] == ["render video"]
     assert settings["ExecStart"] == [f"{EXEC_PATH} serve --config /etc/rkllm-mqtt/config.toml"]
     assert "PYTHONUNBUFFERED=1" in settings["Environment"]
+    assert "PYTHONMALLOC=malloc" in settings["Environment"]  # memory given back after a flood, no second start
     assert settings["DevicePolicy"] == ["closed"]
     assert "/dev/rknpu rw" in settings["DeviceAllow"]
     assert settings["CapabilityBoundingSet"] == [""]
