@@ -88,6 +88,9 @@ class Subscription:
 
 # What one read from the broker's socket asks for: many small packets, or the start of a large one.
 _READ_BYTES = 65536
+# A buffer ending with fewer bytes than this (the start of a packet) is topped up by the next read; a larger rest
+# is the start of a large packet, which paho reads on in large pieces (topping it up would copy it again and again).
+_TOP_UP_BELOW = 4096
 
 
 class _BufferedReads:
@@ -113,8 +116,10 @@ class _BufferedReads:
         self._error: OSError | None = None  # raised by the next recv() after the buffered bytes
 
     def fill(self) -> None:
-        """Read what has arrived into the (used up) buffer; nothing when nothing has."""
-        if self._pos < len(self._buffer) or self._ended or self._error is not None:
+        """Read what has arrived into the buffer when it is used up, or holds only the start of a small packet
+        (which would otherwise go to paho to finish); nothing when nothing has arrived."""
+        kept = len(self._buffer) - self._pos
+        if kept >= _TOP_UP_BELOW or self._ended or self._error is not None:
             return
         self.reads += 1
         try:
@@ -126,7 +131,7 @@ class _BufferedReads:
             return
         if not data:
             self._ended = True
-        self._buffer, self._pos = data, 0
+        self._buffer, self._pos = (self._buffer[self._pos :] + data if kept else data), 0
 
     def recv(self, bufsize: int) -> bytes:
         if self._pos == len(self._buffer):
@@ -294,28 +299,34 @@ class _Client(mqtt.Client):
         # a system call, and with it a wait for the interpreter lock while the dispatcher runs, for each small
         # packet, even when the next ones are already read ahead. A pass now hands on what the buffer holds: up to
         # READ_BATCH packets before what waits to be sent (a publish from another thread, an acknowledgement) goes
-        # out, more when nothing waits, and at most two reads from the socket (a packet may be cut at the end of a
-        # read), so under a steady flood paho's loop still comes round to send its PINGREQ and to stop when asked.
+        # out, FAST_READ_LIMIT when nothing waits, and at most two reads from the socket (a packet may be cut at the
+        # end of a read), so under a steady flood paho's loop still comes round to send its PINGREQ and to stop.
         # Complete PUBLISH packets in the buffer are decoded here (_take_publishes); paho reads everything else.
         current = self._sock
         if not isinstance(current, _BufferedReads):
             return super().loop_read(max_packets)
         sock: _BufferedReads = current
         reads = sock.reads
+        handled = 0
         if self.fast_publish is not None and self._in_packet["command"] == 0:
             sock.fill()  # so that the first packet of the read is not paho's to decode
-        handled = self._take_publishes(sock, 0)
+            handled = self._take_publishes(sock, 0)
+            if sock.pending() and sock.reads - reads < 2:
+                sock.fill()  # the rest of a packet cut at the end of the read
+                handled = self._take_publishes(sock, handled)
         rc = MQTTErrorCode.MQTT_ERR_SUCCESS
         # A closed socket (paho closes it on an error, and may replace it later) has nothing pending.
-        while not handled or (
-            sock.pending() and sock.reads - reads < 2 and (handled < READ_BATCH or not self.want_write())
-        ):
+        while not handled or (sock.pending() and sock.reads - reads < 2 and handled < self._read_limit()):
             rc = super().loop_read(max_packets)
             handled += 1
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or self._sock is not current:
                 break
             handled = self._take_publishes(sock, handled)
         return rc
+
+    def _read_limit(self) -> int:
+        """Packets one pass of the loop hands on: fewer when something waits to be sent."""
+        return READ_BATCH if self.want_write() else FAST_READ_LIMIT
 
     def _take_publishes(self, sock: _BufferedReads, handled: int) -> int:
         """Hand on the complete QoS 0 and 1 PUBLISH packets at the head of the buffer; ``handled`` plus their count.
@@ -325,7 +336,7 @@ class _Client(mqtt.Client):
         sink = self.fast_publish
         if sink is None or self._in_packet["command"] != 0:
             return handled
-        limit = READ_BATCH if self.want_write() else FAST_READ_LIMIT
+        limit = self._read_limit()
         qos1 = self._manual_ack
         v5 = self._protocol == mqtt.MQTTv5
         buffer, pos = sock.buffered()
