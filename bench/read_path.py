@@ -21,17 +21,9 @@ import time
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from rkllm_mqtt.bridge.publish_reader import encode_length
 from rkllm_mqtt.bridge.transport import IncomingMessage, MqttTransport, _BufferedReads, _Client
 from rkllm_mqtt.settings import MqttSettings
-
-
-def _length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
 
 
 def _packets(count: int, qos: int) -> bytes:
@@ -48,7 +40,7 @@ def _packets(count: int, qos: int) -> bytes:
         if qos:
             body += (index % 65535 + 1).to_bytes(2, "big")
         body += packed + payload
-        frames.append(bytes([0x30 | (qos << 1)]) + _length(len(body)) + body)
+        frames.append(bytes([0x30 | (qos << 1)]) + encode_length(len(body)) + body)
     return b"".join(frames)
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable
@@ -27,3 +30,21 @@ def eventually(condition: Callable[[], bool], timeout: float = 30.0) -> bool:
             return True
         pause.wait(0.01)
     return condition()
+
+
+def serve_on_a_taken_port(*, unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess[str]:
+    """``python -m rkllm_mqtt serve`` on its embedded defaults with the broker's port taken: it logs its start and
+    exits. The environment is this one without RKLLM_MQTT_* settings and the variables named in ``unset``."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        environment = {k: v for k, v in os.environ.items() if not k.startswith("RKLLM_MQTT_") and k not in unset}
+        environment["RKLLM_MQTT_MQTT__PORT"] = str(holder.getsockname()[1])
+        return subprocess.run(
+            [sys.executable, "-m", "rkllm_mqtt", "serve"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=environment,
+        )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 
 from rkllm_mqtt import exit_codes
+
+from .helpers import serve_on_a_taken_port
 
 _SHOW = (
     "import os; from rkllm_mqtt.allocator import use_c_heap; "
@@ -49,18 +50,7 @@ def test_an_allocator_the_environment_chose_is_kept(chosen: str) -> None:
 
 def test_serve_reports_the_allocator_it_runs_on() -> None:
     # serve is the command that chooses it; it exits early here (its port is taken) after its first log line.
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        env = _environment(RKLLM_MQTT_MQTT__PORT=str(holder.getsockname()[1]))
-        result = subprocess.run(
-            [sys.executable, "-m", "rkllm_mqtt", "serve"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
+    result = serve_on_a_taken_port(unset=("PYTHONMALLOC",))
     assert result.returncode == exit_codes.EMBEDDED_BROKER_FAILED
     starting = [line for line in result.stderr.splitlines() if "starting" in line]
     assert len(starting) == 1, result.stderr

@@ -1,10 +1,8 @@
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -15,7 +13,7 @@ from rkllm_mqtt import exit_codes
 from rkllm_mqtt.broker import TESTED_AMQTT_VERSIONS, BrokerStartError, EmbeddedBroker, amqtt_version
 
 from .harness import Probe
-from .helpers import unique_topic
+from .helpers import serve_on_a_taken_port, unique_topic
 
 
 def test_embedded_broker_routes_messages(amqtt_broker: EmbeddedBroker) -> None:
@@ -55,20 +53,7 @@ def test_taken_port_is_reported_not_hung() -> None:
 
 
 def test_serve_exits_non_zero_when_the_embedded_port_is_taken() -> None:
-    with socket.socket() as holder:
-        holder.bind(("127.0.0.1", 0))
-        holder.listen()
-        port = holder.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("RKLLM_MQTT_")}
-        env["RKLLM_MQTT_MQTT__PORT"] = str(port)
-        result = subprocess.run(
-            [sys.executable, "-m", "rkllm_mqtt", "serve"],
-            check=False,
-            capture_output=True,
-            text=True,
-            timeout=300,
-            env=env,
-        )
+    result = serve_on_a_taken_port()
     assert result.returncode == exit_codes.EMBEDDED_BROKER_FAILED
     assert "already in use" in result.stderr
     assert "embedded_defaults" in result.stderr, "the log must say loudly that it runs on the embedded defaults"

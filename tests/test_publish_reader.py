@@ -12,21 +12,12 @@ from paho.mqtt.enums import MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from rkllm_mqtt.bridge.publish_reader import complete_packet, decode_publish
+from rkllm_mqtt.bridge.publish_reader import complete_packet, decode_publish, encode_length
 from rkllm_mqtt.bridge.transport import _BufferedReads
 
 
-def _length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n % 128, n // 128
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def _frame(first: int, body: bytes) -> bytes:
-    return bytes([first]) + _length(len(body)) + body
+    return bytes([first]) + encode_length(len(body)) + body
 
 
 def _body(topic: bytes, payload: bytes, *, qos: int, mid: int, properties: Properties | None) -> bytes:

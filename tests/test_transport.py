@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from rkllm_mqtt.bridge.publish_reader import Publish
+from rkllm_mqtt.bridge.publish_reader import Publish, encode_length
 from rkllm_mqtt.bridge.transport import (
     IncomingMessage,
     MqttTransport,
@@ -239,19 +239,10 @@ def test_qos0_messages_written_do_not_count_as_acknowledged_qos1_ones(tmp_path: 
 # -- reading from the broker: many packets from one read ------------------------------------------------------
 
 
-def remaining_length(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        n, byte = divmod(n, 128)
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
 def publish_frame(topic: str, payload: bytes) -> bytes:
     """A QoS 0 PUBLISH as MQTT 3.1.1 puts it on the wire."""
     body = len(topic).to_bytes(2, "big") + topic.encode() + payload
-    return b"\x30" + remaining_length(len(body)) + body
+    return b"\x30" + encode_length(len(body)) + body
 
 
 def read_packet(sock: _BufferedReads) -> bytes:
@@ -453,7 +444,7 @@ def raw_publisher(port: int) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port), timeout=30)
     client_id = unique_topic("burst").encode()
     body = b"\x00\x04MQTT\x04\x02\x00\x3c" + len(client_id).to_bytes(2, "big") + client_id
-    sock.sendall(b"\x10" + remaining_length(len(body)) + body)
+    sock.sendall(b"\x10" + encode_length(len(body)) + body)
     connack = b""
     while len(connack) < 4:
         chunk = sock.recv(4 - len(connack))

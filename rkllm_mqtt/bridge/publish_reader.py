@@ -64,6 +64,17 @@ def complete_packet(buffer: bytes, pos: int) -> tuple[int, int, int] | None:
     return buffer[pos], index, index + length
 
 
+def encode_length(length: int) -> bytes:
+    """A Remaining Length as MQTT writes it, what :func:`complete_packet` reads (tests and benchmarks build
+    packets with it)."""
+    out = bytearray()
+    while True:
+        length, byte = divmod(length, 128)
+        out.append(byte | (0x80 if length else 0))
+        if not length:
+            return bytes(out)
+
+
 def decode_publish(first_byte: int, body: bytes, *, v5: bool) -> Publish | None:
     """The PUBLISH whose fixed header starts with ``first_byte``, or None to leave it to paho."""
     if first_byte & 0xF0 != PUBLISH:
