@@ -332,6 +332,9 @@ def test_sigterm_answers_queued_publishes_offline_and_exits_zero(
     for request_id in ("running", "queued-1", "queued-2"):
         probe.publish(f"{daemon.root}/prompt", json.dumps({"id": request_id, "prompt": request_id}))
     probe.wait_topic(f"{daemon.root}/response/running/stream", 1)
+    # The premise: both others are in the queue (the first chunk of one says nothing of when the next prompts were
+    # taken in; one still in the inbox at the stop is refused, not aborted).
+    probe.wait_json(f"{daemon.root}/state", lambda s: s["queue_depth"] == 2 and s["request_id"] == "running")
     assert daemon.stop() == 0
     probe.wait_for(lambda msgs: len(finals(probe, daemon)) == 3, timeout=10)
     answered = finals(probe, daemon)
