@@ -33,7 +33,6 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from rkllm_mqtt.bridge.acks import AckSequencer, Delivery
 from rkllm_mqtt.bridge.outgoing import publish_problem
-from rkllm_mqtt.bridge.publish_reader import PUBLISH as PUBLISH_PACKET
 from rkllm_mqtt.bridge.publish_reader import Publish, complete_packet, decode_publish
 from rkllm_mqtt.errors import quote_input
 from rkllm_mqtt.mqtt_client import build_client
@@ -346,9 +345,9 @@ class _Client(mqtt.Client):
             if packet is None:
                 break
             first, start, end = packet
-            if first & 0xF0 != PUBLISH_PACKET or (first & 0x06 and not qos1):
+            if first & 0x06 and not qos1:  # QoS 1 that paho acknowledges itself: its path, not this one
                 break
-            publish = decode_publish(first, buffer[start:end], v5=v5)
+            publish = decode_publish(first, buffer[start:end], v5=v5)  # None for anything but a plain PUBLISH
             if publish is None:
                 break
             pos = end
