@@ -111,7 +111,7 @@ def test_stop_handles_what_is_queued_first() -> None:
     assert recorder.items == [0, 1, 2, 3, 4]
 
 
-def test_in_a_flood_the_newest_message_goes_first_and_every_message_is_still_handled() -> None:
+def test_in_a_flood_the_newest_and_the_oldest_message_go_in_turn_and_every_message_is_still_handled() -> None:
     gate = threading.Event()
     handled: list[object] = []
     all_done = threading.Event()
@@ -123,7 +123,7 @@ def test_in_a_flood_the_newest_message_goes_first_and_every_message_is_still_han
         if len(handled) == 12:
             all_done.set()
 
-    dispatcher: Dispatcher[object] = Dispatcher(handle, capacity=100, newest_first_above=3)
+    dispatcher: Dispatcher[object] = Dispatcher(handle, capacity=100, flood_above=3)
     dispatcher.start()
     try:
         dispatcher.offer("blocker")
@@ -136,8 +136,9 @@ def test_in_a_flood_the_newest_message_goes_first_and_every_message_is_still_han
         assert all_done.wait(WAIT_S)
     finally:
         dispatcher.stop()
-    # Control first; then newest first while more than 3 wait (9, 8, 7, 6, 5, 4, 3 leave 0, 1, 2), then in order.
-    assert handled == ["blocker", "control", 9, 8, 7, 6, 5, 4, 3, 0, 1, 2]
+    # Control first; then, while more than 3 wait, the newest and the oldest in turn (9, 0, 8, 1, 7, 2, 6 leave
+    # 3, 4, 5), then in order.
+    assert handled == ["blocker", "control", 9, 0, 8, 1, 7, 2, 6, 3, 4, 5]
 
 
 def test_offer_refuses_past_the_bytes_it_may_hold_but_takes_one_large_message_alone() -> None:

@@ -1,10 +1,13 @@
 """The MQTT door's own thread: one inbox, and deadlines instead of timer threads.
 
-Messages are handled in arrival order, except in a flood: while more than ``newest_first_above`` wait, the newest
-is taken first. Everything in the inbox will be handled either way; what changes is who waits. In arrival order, a
-request sent after a flood of 50,000 prompts waited until every one of them was answered; newest first, it is
-answered as soon as it arrives, and the flood is worked off behind it. (Without a flood the inbox holds a few
-messages and the order is the arrival order.) Control items (:meth:`Dispatcher.put`) go before messages.
+Messages are handled in arrival order, except in a flood: while more than ``flood_above`` wait, the newest and the
+oldest are taken in turn. Everything in the inbox will be handled either way; what changes is who waits. In
+arrival order, a request sent after a flood of 50,000 prompts waited until every one of them was answered; with
+the newest taken every other time, it is answered as soon as it arrives. The oldest are taken in between because
+QoS 1 prompts are acknowledged in arrival order: taking only the newest held back every acknowledgement until the
+inbox was nearly empty, and Mosquitto, which sends more to a client as its acknowledgements come, then sent the
+rest of the flood in bursts, seconds apart. (Without a flood the inbox holds a few messages and the order is the
+arrival order.) Control items (:meth:`Dispatcher.put`) go before messages.
 
 Foreign threads (paho's network loop, the runtime supervisor) only put items in the inbox and never wait:
 :meth:`Dispatcher.offer` refuses an item when the inbox holds ``capacity`` messages, and the caller decides what
@@ -64,7 +67,7 @@ class Dispatcher(Generic[Item]):
         capacity: int,
         name: str = "mqtt-dispatch",
         clock: Callable[[], float] = time.monotonic,
-        newest_first_above: int | None = None,
+        flood_above: int | None = None,
         capacity_bytes: int | None = None,
     ) -> None:
         self.handle = handle
@@ -72,7 +75,7 @@ class Dispatcher(Generic[Item]):
         self.capacity_bytes = capacity_bytes
         self.name = name
         self.clock = clock
-        self.newest_first_above = newest_first_above
+        self.flood_above = flood_above
         # Items sit in two deques (appends and pops are atomic); the doorbell holds one token per item and is
         # what the thread waits on. An item is appended before its token is rung, so a token always finds one.
         self._messages: deque[tuple[Item, int]] = deque()
@@ -89,6 +92,7 @@ class Dispatcher(Generic[Item]):
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._handling_since: float | None = None
+        self._newest_next = False  # in a flood, the newest and the oldest message are taken in turn
 
     # -- any thread ---------------------------------------------------------------------------------------
 
@@ -170,8 +174,10 @@ class Dispatcher(Generic[Item]):
             return None
         if self._control:
             return self._control.popleft()
-        if self.newest_first_above is not None and len(self._messages) > self.newest_first_above:
-            return self._taken(self._messages.pop())
+        if self.flood_above is not None and len(self._messages) > self.flood_above:
+            self._newest_next = not self._newest_next
+            if self._newest_next:
+                return self._taken(self._messages.pop())
         return self._taken(self._messages.popleft())
 
     def _taken(self, entry: tuple[Item, int]) -> Item:

@@ -91,8 +91,8 @@ EARLY_ABORT_S = 60.0
 EARLY_ABORT_MAX = 256
 # While the inbox is full, one log line per this many messages handled on paho's thread.
 _OVERFLOW_LOG_EVERY = 1000
-# An inbox this deep is a flood, not traffic: the newest message is handled first (a request sent after the flood
-# is not made to wait for all of it), and memory is given back once it has drained.
+# An inbox this deep is a flood, not traffic: the newest message is taken every other time (a request sent after
+# the flood is not made to wait for all of it), and memory is given back once it has drained.
 _DEEP_INBOX = 1000
 # Refused requests per second past which they are answered cheaply (their final alone) and the state is not
 # published per change: no client refuses itself this often by mistake; a flood does.
@@ -156,7 +156,7 @@ class MqttDoor:
         self.peers = PeerTable(self.topics)
         self.publisher: Publisher | None = None
         self.dispatcher: Dispatcher[InboxItem] = Dispatcher(
-            self._handle, capacity=inbox_size, newest_first_above=_DEEP_INBOX, capacity_bytes=INBOX_BYTES
+            self._handle, capacity=inbox_size, flood_above=_DEEP_INBOX, capacity_bytes=INBOX_BYTES
         )
         self.started_at = time.time()
         self._started_monotonic = time.monotonic()
