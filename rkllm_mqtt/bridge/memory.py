@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import functools
 import gc
+import sys
 
 import structlog
 
@@ -30,6 +31,14 @@ def _malloc_trim() -> object | None:
 
 def release_free_memory() -> None:
     """Collect garbage and return the free heap pages to the kernel where the C library allows it."""
+    # CPython's method cache (4,096 entries) keeps a reference to the name of each attribute looked up. Names built
+    # at run time (json's decoder asks its context for "object_hook" by a C string, paho strips the spaces from
+    # its property names for every message) are new strings each time, so after a flood the cache holds thousands
+    # of them, each alone on a page of the heap, and those pages cannot be given back. Emptying the cache frees
+    # them; it fills again with the next lookups.
+    clear_type_cache = getattr(sys, "_clear_type_cache", None)
+    if clear_type_cache is not None:
+        clear_type_cache()
     gc.collect()
     trim = _malloc_trim()
     if trim is not None:
