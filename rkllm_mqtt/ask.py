@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import threading
 import uuid
@@ -45,6 +46,7 @@ class _Session:
         self.final: dict[str, Any] | None = None
         self.availability: dict[str, str] = {}  # node id -> its retained availability
         self.went_offline = False
+        self.output_closed = False  # the reader of standard output has gone (`ask ... | head`)
         self.done = threading.Event()
         self.subacks: set[int] = set()
         self.subscribed = threading.Condition()
@@ -91,9 +93,14 @@ class _Session:
                 self.last_seq = seq
             text = str(data.get("text", ""))
             self.printed += text
-            if self.print_stream:
-                sys.stdout.write(text)
-                sys.stdout.flush()
+            if self.print_stream and not self.output_closed:
+                try:
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                except BrokenPipeError:
+                    # Raised into paho's thread it would end the loop, and the wait below would last --timeout.
+                    self.output_closed = True
+                    self.done.set()
         elif message.topic == reply.final:
             self.final = data
             self.done.set()
@@ -184,12 +191,26 @@ def ask(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         client.disconnect()
         client.loop_stop()
+    if session.output_closed:
+        return _output_closed()
     if session.final is None:
         if session.went_offline:
             return _fail(f"\nnode {topics.node!r} went offline before answering", exit_codes.NODE_OFFLINE)
         reason = "no answer" if not answered else "no final answer"
         return _fail(f"\n{reason} within {timeout:g} s on {reply.final}", exit_codes.NO_ANSWER)
-    return _print_final(session, args)
+    try:
+        return _print_final(session, args)
+    except BrokenPipeError:
+        return _output_closed()
+
+
+def _output_closed() -> int:
+    """The reader of standard output has gone: stop quietly, as other commands in a pipe do."""
+    # What is still buffered would fail again when the interpreter flushes it at exit, with a message on stderr.
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return exit_codes.OUTPUT_CLOSED
 
 
 def _print_final(session: _Session, args: argparse.Namespace) -> int:
@@ -201,7 +222,7 @@ def _print_final(session: _Session, args: argparse.Namespace) -> int:
         if text.startswith(session.printed):
             sys.stdout.write(text[len(session.printed) :])
         sys.stdout.write("\n")
-        sys.stdout.flush()
+    sys.stdout.flush()
     if final.get("state") != "done":
         error = final.get("error") or {}
         return _fail(

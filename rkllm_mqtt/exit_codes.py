@@ -18,6 +18,8 @@ NO_ANSWER: Final = 6
 NODE_OFFLINE: Final = 7
 CHECK_FAILED: Final = 8
 API_FAILED: Final = 9
+# 128 + SIGPIPE: what a shell reports for any command that writes into a pipe whose reader has gone (`| head`).
+OUTPUT_CLOSED: Final = 141
 
 MEANINGS: Final[dict[int, str]] = {
     OK: "success",
@@ -30,4 +32,8 @@ MEANINGS: Final[dict[int, str]] = {
     NODE_OFFLINE: "the node is offline, or unknown on this broker",
     CHECK_FAILED: "at least one check FAILed",
     API_FAILED: "the Ollama API cannot listen (most often: its port is taken)",
+    OUTPUT_CLOSED: (
+        "standard output was closed before the answer was written "
+        "(a reader such as head stopped reading; 128 + SIGPIPE, as shells report it)"
+    ),
 }

@@ -169,3 +169,25 @@ def test_a_chunk_repeated_after_a_reconnect_is_printed_once(capsys: pytest.Captu
         session.on_message(None, None, chunk(seq, text))  # type: ignore[arg-type]
     assert capsys.readouterr().out == "abc"
     assert session.printed == "abc"
+
+
+def test_ask_stops_quietly_when_its_reader_goes(amqtt_broker: EmbeddedBroker, daemon: Daemon) -> None:
+    # `rkllm-mqtt ask ... | head`: the reader closes the pipe; ask must not wait out its timeout or print a traceback.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RKLLM_MQTT_")}
+    command = [sys.executable, "-m", "rkllm_mqtt", "ask", "--host", "127.0.0.1", "--port", str(amqtt_broker.port)]
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first chunk is written
+    try:
+        result = subprocess.run(
+            [*command, "--node", daemon.node, "--max-new-tokens", "20", "Tell me a story"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            env=env,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == exit_codes.OUTPUT_CLOSED, result.stderr
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr
