@@ -18,12 +18,20 @@ from .harness import Daemon, Mosquitto, Probe, mosquitto_binary, wait_ready
 from .helpers import free_port
 
 
-def run_ask(port: int, node: str, *args: str, protocol: str = "3.1.1") -> subprocess.CompletedProcess[str]:
+def run_ask(
+    port: int, node: str, *args: str, protocol: str = "3.1.1", stdout: int = subprocess.PIPE
+) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RKLLM_MQTT_")}
     env["RKLLM_MQTT_MQTT__PROTOCOL"] = protocol
     command = [sys.executable, "-m", "rkllm_mqtt", "ask", "--host", "127.0.0.1", "--port", str(port)]
     return subprocess.run(
-        [*command, "--node", node, *args], check=False, capture_output=True, text=True, timeout=120, env=env
+        [*command, "--node", node, *args],
+        check=False,
+        stdout=stdout,
+        stderr=subprocess.PIPE,
+        text=True,
+        timeout=120,
+        env=env,
     )
 
 
@@ -173,20 +181,10 @@ def test_a_chunk_repeated_after_a_reconnect_is_printed_once(capsys: pytest.Captu
 
 def test_ask_stops_quietly_when_its_reader_goes(amqtt_broker: EmbeddedBroker, daemon: Daemon) -> None:
     # `rkllm-mqtt ask ... | head`: the reader closes the pipe; ask must not wait out its timeout or print a traceback.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RKLLM_MQTT_")}
-    command = [sys.executable, "-m", "rkllm_mqtt", "ask", "--host", "127.0.0.1", "--port", str(amqtt_broker.port)]
     read_end, write_end = os.pipe()
     os.close(read_end)  # the reader is gone before the first chunk is written
     try:
-        result = subprocess.run(
-            [*command, "--node", daemon.node, "--max-new-tokens", "20", "Tell me a story"],
-            stdout=write_end,
-            stderr=subprocess.PIPE,
-            text=True,
-            timeout=120,
-            env=env,
-            check=False,
-        )
+        result = run_ask(amqtt_broker.port, daemon.node, "--max-new-tokens", "20", "Tell me a story", stdout=write_end)
     finally:
         os.close(write_end)
     assert result.returncode == exit_codes.OUTPUT_CLOSED, result.stderr
