@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import contextvars
 import errno
+import logging
 import socket
 import threading
 from importlib import metadata
@@ -36,6 +37,24 @@ EMBEDDED_IDENTITY = "rkllm-mqtt embedded broker"
 
 # The amqtt releases the corrections below were written for and tested with.
 TESTED_AMQTT_VERSIONS = ("0.12.1",)
+
+
+class _ClosedBeforeConnect(logging.Filter):
+    """amqtt logs a connection closed before its CONNECT ("No data from ...") at error level. That is what every
+    port check does: ``rkllm-mqtt ask`` and ``doctor`` look at the port before they connect, and so do monitoring
+    tools. Each one put an error in the daemon's log; Mosquitto reports the same as a notice. Logged at debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.ERROR or not str(record.msg).startswith("No data from "):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+def _quiet_closed_before_connect() -> None:
+    logger = logging.getLogger("amqtt.broker")
+    if not any(isinstance(existing, _ClosedBeforeConnect) for existing in logger.filters):
+        logger.addFilter(_ClosedBeforeConnect())
 
 
 class BrokerStartError(Exception):
@@ -78,6 +97,7 @@ class EmbeddedBroker:
                 f"port {self.port} on {self.host} is already in use: another MQTT broker is probably running "
                 f"there; set mqtt.host to use it, or stop it"
             )
+        _quiet_closed_before_connect()
         self._thread = threading.Thread(target=self._run, name="embedded-broker", daemon=True)
         self._thread.start()
         if not self._started.wait(timeout):

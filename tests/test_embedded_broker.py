@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import socket
 import struct
 import subprocess
@@ -13,7 +14,7 @@ from rkllm_mqtt import exit_codes
 from rkllm_mqtt.broker import TESTED_AMQTT_VERSIONS, BrokerStartError, EmbeddedBroker, amqtt_version
 
 from .harness import Probe
-from .helpers import serve_on_a_taken_port, unique_topic
+from .helpers import eventually, serve_on_a_taken_port, unique_topic
 
 
 def test_embedded_broker_routes_messages(amqtt_broker: EmbeddedBroker) -> None:
@@ -173,3 +174,19 @@ def test_the_corrections_are_pinned_to_the_tested_amqtt() -> None:
     pyproject = (Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
     assert amqtt_version() in TESTED_AMQTT_VERSIONS
     assert f'"amqtt=={amqtt_version()}"' in pyproject
+
+
+def test_a_port_check_without_connect_is_not_an_error_in_the_log(
+    amqtt_broker: EmbeddedBroker, caplog: pytest.LogCaptureFixture
+) -> None:
+    # What ask and doctor do before they connect, and monitoring tools all the time: open the port, close it.
+    caplog.set_level(logging.DEBUG, logger="amqtt.broker")
+
+    def closed_before_connect() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "amqtt.broker" and r.getMessage().startswith("No data from ")]
+
+    with socket.create_connection(("127.0.0.1", amqtt_broker.port)):
+        pass
+    assert eventually(lambda: bool(closed_before_connect()))  # amqtt did see it, and said so
+    assert [r.levelname for r in closed_before_connect()] == ["DEBUG"]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
