@@ -39,13 +39,18 @@ EMBEDDED_IDENTITY = "rkllm-mqtt embedded broker"
 TESTED_AMQTT_VERSIONS = ("0.12.1",)
 
 
+# How amqtt reports a connection closed before its CONNECT: an error, then a warning, for the one event.
+_CLOSED_BEFORE_CONNECT = ("No data from ", "Failed to initialize client session: No data to decode")
+
+
 class _ClosedBeforeConnect(logging.Filter):
-    """amqtt logs a connection closed before its CONNECT ("No data from ...") at error level. That is what every
-    port check does: ``rkllm-mqtt ask`` and ``doctor`` look at the port before they connect, and so do monitoring
-    tools. Each one put an error in the daemon's log; Mosquitto reports the same as a notice. Logged at debug."""
+    """amqtt logs a connection closed before its CONNECT at error level (and again as a warning). That is what
+    every port check does: ``rkllm-mqtt ask`` and ``doctor`` look at the port before they connect, and so do
+    monitoring tools. Each one put an error in the daemon's log; Mosquitto reports the same as a notice. Logged at
+    debug."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno != logging.ERROR or not str(record.msg).startswith("No data from "):
+        if record.levelno < logging.WARNING or not str(record.msg).startswith(_CLOSED_BEFORE_CONNECT):
             return True
         record.levelno, record.levelname = logging.DEBUG, logging.getLevelName(logging.DEBUG)
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
