@@ -47,6 +47,16 @@ STATUS_INTERVAL_S = 30.0
 READY_AT_LATEST_S = 90.0
 
 
+def prompts_acknowledged_when_settled(settings: Settings) -> bool:
+    """Whether a QoS 1 prompt is acknowledged only once it is settled (docs/reliability.md), or on receipt.
+
+    Holding the acknowledgement keeps a prompt the broker's until the daemon has answered it, so that a broker that
+    outlives the daemon sends it again. The embedded broker does not outlive it: it runs in the daemon's process and
+    keeps nothing on disk. There, holding acknowledgements protects nothing, and amqtt gives up on one after 5 s
+    with a warning and an error with a traceback each: a burst of 5,000 prompts logged 8,700 lines."""
+    return not settings.embedded_broker
+
+
 class Daemon:
     def __init__(self, settings: Settings, notifier: SystemdNotifier) -> None:
         self.settings = settings
@@ -122,7 +132,7 @@ class Daemon:
             on_message=self.door.on_message,
             on_connected=self.door.on_connected,
             force_protocol=protocol,
-            manual_ack=True,
+            manual_ack=prompts_acknowledged_when_settled(s),
         )
         self.control = MqttTransport(
             s.mqtt,
