@@ -118,7 +118,9 @@ class Daemon:
         self.supervisor = RuntimeSupervisor(s, on_change=self._runtime_changed)
         runtime = self.supervisor
         self.scheduler = Scheduler(runtime, queue_size=s.limits.queue_size, hang_grace_s=s.limits.hang_grace_s)
-        self.ledger = self._open_ledger()
+        acknowledge_when_settled = prompts_acknowledged_when_settled(s)
+        # The record serves only prompts acknowledged when settled: without them nothing is ever written to it.
+        self.ledger = self._open_ledger() if acknowledge_when_settled else None
         self.door = MqttDoor(s, self.scheduler, runtime, extensions=[home_assistant_extension(s)], ledger=self.ledger)
         self.scheduler.observe(self.door)
         # amqtt speaks 3.1.1 only and never answers an MQTT 5 CONNECT with a Will.
@@ -132,7 +134,7 @@ class Daemon:
             on_message=self.door.on_message,
             on_connected=self.door.on_connected,
             force_protocol=protocol,
-            manual_ack=prompts_acknowledged_when_settled(s),
+            manual_ack=acknowledge_when_settled,
         )
         self.control = MqttTransport(
             s.mqtt,
